@@ -1,0 +1,89 @@
+"""Run a registered experiment: ``python launch.py --experiment=NAME [--config.FIELD=VALUE ...]``.
+
+Flags:
+  --experiment  registered name (``--list`` prints them all with a description).
+  --workdir     output directory (default ``runs/<experiment>``).
+  --steps       overrides the config's ``steps`` field when it has one.
+  --config.F=V  overrides any field ``F`` of the experiment's config, parsed as the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import typing
+
+from absl import app, flags
+
+import nlj_experiments
+
+flags.DEFINE_string("experiment", "demo/nested_lm", "Registered experiment to run.")
+flags.DEFINE_bool("list", False, "Print every registered experiment and exit.")
+flags.DEFINE_string("workdir", None, "Output directory (default runs/<experiment>).")
+flags.DEFINE_integer("steps", None, "Override the config's number of training steps.")
+FLAGS = flags.FLAGS
+
+_CONFIG_PREFIX = "--config."
+
+
+def _parse_value(text: str, kind: type):
+  if kind is bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"expected true/false, got {text!r}")
+    return text.lower() in ("true", "1")
+  return kind(text)
+
+
+def apply_overrides(config, overrides: dict[str, str]):
+  """``config`` with fields replaced by ``overrides`` (strings parsed as each field's type)."""
+  fields = {f.name: f for f in dataclasses.fields(config)}
+  hints = typing.get_type_hints(type(config))
+  values = {}
+  for name, text in overrides.items():
+    if name not in fields:
+      raise ValueError(f"--config.{name}: {type(config).__name__} has no field {name!r}; "
+                       f"fields: {', '.join(sorted(fields))}")
+    try:
+      values[name] = _parse_value(text, hints[name])
+    except ValueError as e:
+      raise ValueError(f"--config.{name}={text!r}: not a valid {hints[name].__name__} ({e})")
+  return dataclasses.replace(config, **values)
+
+
+def split_config_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+  """Separate ``--config.F=V`` arguments (absl does not know them) from the rest."""
+  rest, overrides = [], {}
+  for arg in argv:
+    if arg.startswith(_CONFIG_PREFIX):
+      name, sep, value = arg[len(_CONFIG_PREFIX):].partition("=")
+      if not sep:
+        raise SystemExit(f"{arg}: expected --config.FIELD=VALUE")
+      overrides[name] = value
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def main(argv, overrides: dict[str, str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.list:
+    for name in nlj_experiments.names():
+      print(f"{name:32s} {nlj_experiments.get(name).description}")
+    return
+  experiment = nlj_experiments.get(FLAGS.experiment)
+  if FLAGS.steps is not None:
+    overrides = {**overrides, "steps": str(FLAGS.steps)}
+  config = apply_overrides(experiment.config, overrides)
+  workdir = FLAGS.workdir or os.path.join("runs", experiment.name)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"experiment": experiment.name, **dataclasses.asdict(config)}, f, indent=2)
+  experiment.run(config, workdir)
+
+
+if __name__ == "__main__":
+  argv, config_overrides = split_config_flags(sys.argv)
+  app.run(lambda a: main(a, config_overrides), argv=argv)
