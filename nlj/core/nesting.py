@@ -44,7 +44,9 @@ def run_nested(outer: Level, outer_state: LevelState, inner: InnerFn, inner_stat
     impl: implementation of the outer level's updates (see :meth:`nlj.core.Level.run`).
 
   Returns:
-    ``((outer_state, inner_state), ys)`` with ``ys`` the pytree of ``[batch, seq, ...]`` outputs.
+    ``((outer_state, inner_state), ys)`` with ``ys`` the pytree of ``[batch, seq, ...]`` inner
+    outputs; when ``inner`` sets ``outer_inputs.q``, ``ys`` is ``(inner outputs, outer
+    read-outs [batch, seq, heads, d_out])`` with the outer level's own ``read`` mode.
   """
   leaves = jax.tree.leaves(xs)
   if not leaves:
@@ -68,8 +70,8 @@ def run_nested(outer: Level, outer_state: LevelState, inner: InnerFn, inner_stat
   def body(carry, x_chunk):
     state, inner_carry = carry
     inner_carry, y, outer_inputs = inner(state.memory, inner_carry, x_chunk)
-    state, _ = outer.step(state, outer_inputs._replace(q=None), impl)
-    return (state, inner_carry), y
+    state, outer_y = outer.step(state, outer_inputs, impl)
+    return (state, inner_carry), (y if outer_y is None else (y, outer_y))
 
   if outer.remat:
     body = jax.checkpoint(body)

@@ -32,34 +32,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from nlj.optim.newton_schulz import NS_COEFFS, newton_schulz  # shared with Muon and M3
+
 __all__ = ["Rule", "newton_schulz", "NS_COEFFS"]
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
 _STEPS = ("gd", "dgd")
 _DGD_VARIANTS = ("normalized", "plain", "neurips")
-
-
-def newton_schulz(g: jax.Array, steps: int = 5, eps: float = 1e-7) -> jax.Array:
-  """Quintic Newton-Schulz orthogonalisation of a matrix (eqs. 42-44; Muon's coefficients).
-
-  Args:
-    g: ``[m, n]`` matrix.
-    steps: number of iterations.
-    eps: added to the Frobenius norm before normalising.
-
-  Returns:
-    ``[m, n]``, approximately ``U Vᵀ`` for ``g = U Σ Vᵀ``; zero for a zero input.
-  """
-  if g.ndim != 2:
-    raise ValueError(f"newton_schulz needs a 2-D matrix, got shape {g.shape}")
-  a, b, c = NS_COEFFS
-  transpose = g.shape[0] > g.shape[1]
-  x = g.T if transpose else g
-  x = x / (jnp.linalg.norm(x) + eps)
-  for _ in range(steps):
-    s = x @ x.T
-    x = a * x + (b * s + c * s @ s) @ x
-  return x.T if transpose else x
 
 
 @dataclasses.dataclass(frozen=True)
