@@ -1,0 +1,276 @@
+"""Self-modifying Titans (Hope §8.1-8.2, eqs. 83-93) as a streaming NNX mixer.
+
+Per head (``d_h = d_model / heads``), six residual-MLP memories (eq. 89) -- for ``k``, ``v``,
+``q`` (adaptive only with ``adaptive_q``), ``η``, ``α`` and the main ``memory`` -- read the
+input and generate their own targets (eqs. 83-85, 90):
+
+    k_t = l2(silu(conv(M_k(x_t))))      v_t = silu(conv(M_v(x_t)))      q_t = l2(silu(conv(x_t W_q)))
+    η_t = softplus(M_η(x_t)) · s_η      α_t = sigmoid(M_α(x_t))         (one scalar per head)
+    v̂_□,t = M_□(v_t)                    o_t = M_memory(q_t)
+    M_□ <- M_□ (α_t I - η_t k_t k_tᵀ) - η_t ∇L(M_□; k_t, v̂_□,t)   with inner momentum   (eq. 88)
+
+Chunk-wise semantics (eq. 90 with the causal reading of PAPER.md §8 item 2): every read, target
+and gradient of a token uses the memory state at the previous boundary of that memory's chunk,
+``chunk_memory`` tokens for ``M_memory`` and ``chunk_other`` tokens for the others (two
+frequencies; ``chunk_other`` divides ``chunk_memory``). The main memory is the outer level of a
+nested scan (:func:`nlj.core.run_nested`), the projection memories scan inside its chunks.
+
+The main memory is read at its chunk boundary by default (eq. 90 literally, DESIGN.md §4);
+``memory_read="before"`` reads ``M_{t-1}`` (eq. 94) and ``"after"`` reads ``M_t``, both with the
+within-chunk per-token states (the dual form).
+
+Switches (PAPER.md §8, Table 6): ``adaptive_q`` (default False: q is the one static projection,
+§8 item 1), ``adaptive_k``/``adaptive_v`` (False: the memory keeps its meta-learned initial state,
+i.e. a static projection), ``dgd`` (False: plain GD), ``momentum``, ``weight_decay`` (False:
+α = 1), ``stop_grad_targets`` (§8 item 9; off by default: ``v_t`` reaches the output only
+through the targets ``v̂``, so stopping their gradient would leave ``M_v`` and its conv without
+any outer gradient). The DGD decay ``(α I - η k kᵀ)`` applies to each
+memory's input-side weight (§8 item 6) with ``c = s = η`` as printed in eq. 88.
+
+Streaming: the cache holds every memory's :class:`nlj.core.LevelState`, the conv tails and the
+position inside the current ``chunk_memory`` chunk (static, so a call splits into a token-level
+head, whole chunks and a token-level tail); one call equals pieces of any lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nlj.core import L2, Level, LevelInputs, MLPMemory, Rule, run_nested
+from nlj.layers.common import GatedRMSNorm, ShortConv, dense, l2_normalize
+
+__all__ = ["SelfModConfig", "SelfModCache", "SelfModifyingTitans"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfModConfig:
+  """Hyperparameters of a self-modifying Titans mixer (defaults: PAPER.md §5.4, §7, §8)."""
+
+  d_model: int
+  heads: int
+  chunk_memory: int = 64
+  chunk_other: int = 16
+  hidden_mult: float = 2.0
+  activation: str = "silu"
+  conv: int = 4
+  adaptive_q: bool = False
+  adaptive_k: bool = True
+  adaptive_v: bool = True
+  dgd: bool = True
+  momentum: bool = True
+  beta: float = 0.9
+  weight_decay: bool = True
+  eta_scale: float = 0.01
+  stop_grad_targets: bool = False
+  memory_read: str = "boundary"
+  impl: str = "auto"
+
+  def __post_init__(self):
+    if self.d_model % self.heads:
+      raise ValueError(f"SelfModConfig.heads={self.heads} must divide d_model={self.d_model}")
+    for name in ("chunk_memory", "chunk_other", "conv"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"SelfModConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.chunk_memory % self.chunk_other:
+      raise ValueError(f"SelfModConfig.chunk_other={self.chunk_other} must divide "
+                       f"chunk_memory={self.chunk_memory} (levels nest by frequency)")
+    if self.memory_read not in ("boundary", "before", "after"):
+      raise ValueError("SelfModConfig.memory_read must be 'boundary', 'before' or 'after', "
+                       f"got {self.memory_read!r}")
+    if self.eta_scale <= 0:
+      raise ValueError(f"SelfModConfig.eta_scale must be > 0, got {self.eta_scale}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.heads
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SelfModCache:
+  """Carried state: ``levels`` (name -> LevelState), ``conv`` (name -> tail), static ``phase``."""
+
+  levels: dict
+  conv: dict
+  phase: int = dataclasses.field(metadata={"static": True})
+
+
+class SelfModifyingTitans(nnx.Module):
+  """The self-modifying Titans token mixer (see the module docstring)."""
+
+  def __init__(self, config: SelfModConfig, rngs: nnx.Rngs, dtype: Any = None,
+               param_dtype: Any = jnp.float32):
+    c = self.config = config
+    dh, hidden = c.head_dim, max(1, int(round(c.hidden_mult * c.head_dim)))
+    rule = Rule("dgd" if c.dgd else "gd", momentum=c.momentum, dgd_variant="plain")
+    make = lambda d_out, chunk, read="boundary": Level(
+        MLPMemory(dh, d_out, hidden, 2, c.activation), L2(), rule, chunk, "boundary", read,
+        c.heads, beta=c.beta)
+    levels = {"k": make(dh, c.chunk_other), "v": make(dh, c.chunk_other),
+              "eta": make(1, c.chunk_other), "alpha": make(1, c.chunk_other),
+              "memory": make(dh, c.chunk_memory, c.memory_read)}
+    if c.adaptive_q:
+      levels["q"] = make(dh, c.chunk_other)
+    adaptive = {"k": c.adaptive_k, "v": c.adaptive_v, "q": True, "eta": True,
+                "alpha": c.weight_decay, "memory": True}
+    # Static structure as tuples: NNX graph definitions must hash.
+    self._levels = tuple(levels.items())
+    self._learning = tuple(n for n in levels if adaptive[n] and n != "memory") + ("memory",)
+    self.init_params = nnx.Dict({name: nnx.Param(lv.init(rngs.params(), param_dtype))
+                                 for name, lv in self._levels})
+    if not c.adaptive_q:
+      self.w_q = dense(c.d_model, c.d_model, rngs, dtype, param_dtype)
+    self.convs = nnx.Dict({n: ShortConv(c.d_model, c.conv, rngs, param_dtype) for n in "qkv"})
+    self.w_gate = dense(c.d_model, c.d_model, rngs, dtype, param_dtype)
+    self.out_norm = GatedRMSNorm(dh, param_dtype=param_dtype)
+    self.w_out = dense(c.d_model, c.d_model, rngs, dtype, param_dtype)
+    self.dtype = dtype
+
+  # --------------------------------------------------------------------------------- cache
+
+  @property
+  def levels(self) -> dict[str, Level]:
+    """Every memory's :class:`Level` by name."""
+    return dict(self._levels)
+
+  def init_cache(self, batch: int, max_len: int | None = None) -> SelfModCache:
+    levels = {n: self.levels[n].init_state(self.init_params[n].get_value(), batch)
+              for n in self._learning}
+    conv = {n: self.convs[n].init_cache(batch) for n in "qkv"}
+    return SelfModCache(levels, conv, 0)
+
+  # ---------------------------------------------------------------------------- the pieces
+
+  def _reader(self, levels: dict, name: str, batch: int):
+    """``z [B, T, H, d_h] -> M_name(z)`` at the boundary (anchor) state, or the static init."""
+    level = self.levels[name]
+    if name in levels:
+      params = levels[name].anchor
+    else:
+      params = jax.tree.map(lambda p: jnp.broadcast_to(p[None], (batch,) + p.shape),
+                            self.init_params[name].get_value())
+    return lambda z: level.apply(params, z.astype(jax.tree.leaves(params)[0].dtype))
+
+  def _project(self, levels: dict, conv: dict, x: jax.Array):
+    """Keys, values, queries, η, α and all targets of a span read at the boundary states.
+
+    Args:
+      levels: name -> LevelState (anchors are the boundary states).
+      conv: name -> conv tail.
+      x: ``[B, T, d_model]`` (normalised block input).
+
+    Returns:
+      ``(conv, k, v, q, eta, alpha, targets)``; ``k, v, q [B, T, H, d_h]``,
+      ``eta, alpha [B, T, H]``, ``targets`` name -> ``v̂ [B, T, H, d_out]``.
+    """
+    c = self.config
+    b, t, _ = x.shape
+    heads = lambda z: z.reshape(b, t, c.heads, c.head_dim)
+    flat = lambda z: z.reshape(b, t, c.d_model)
+    xh = heads(x).astype(jnp.float32)
+    read = lambda name: self._reader(levels, name, b)
+    q_raw = flat(read("q")(xh)) if c.adaptive_q else self.w_q(x)
+    raw = {"q": q_raw, "k": flat(read("k")(xh)), "v": flat(read("v")(xh))}
+    out = {}
+    for n in "qkv":
+      y, conv[n] = self.convs[n](raw[n].astype(jnp.float32), conv[n])
+      out[n] = heads(jax.nn.silu(y))
+    k, q, v = l2_normalize(out["k"]), l2_normalize(out["q"]), out["v"]
+    eta = jax.nn.softplus(read("eta")(xh)[..., 0]) * c.eta_scale
+    alpha = jax.nn.sigmoid(read("alpha")(xh)[..., 0]) if c.weight_decay else None
+    sg = jax.lax.stop_gradient if c.stop_grad_targets else (lambda z: z)
+    targets = {n: sg(read(n)(v)) for n in levels}
+    return conv, k, v, q, eta, alpha, targets
+
+  def _output(self, o: jax.Array, x: jax.Array) -> jax.Array:
+    b, t, _ = x.shape
+    y = self.out_norm(o.astype(x.dtype), self.w_gate(x))
+    return self.w_out(y.reshape(b, t, self.config.d_model))
+
+  # ------------------------------------------------------------------------------- paths
+
+  def _tokens(self, cache: SelfModCache, x: jax.Array, impl: str = "reference"):
+    """Token by token (the eq. 90 reference; also partial chunks of a streaming call)."""
+    if x.shape[1] == 0:
+      return cache, jnp.zeros(x.shape[:2] + (self.config.heads, self.config.head_dim))
+
+    def step(carry, xt):
+      levels, conv = carry
+      conv, k, _, q, eta, alpha, targets = self._project(levels, conv, xt[:, None])
+      new, o = {}, None
+      for n in levels:
+        read_q = q if n == "memory" else None
+        new[n], y = self.levels[n].run(levels[n], LevelInputs(k, targets[n], read_q, eta, alpha),
+                                       impl=impl)
+        o = y if n == "memory" else o
+      return (new, conv), o[:, 0]
+
+    (levels, conv), o = jax.lax.scan(step, (cache.levels, cache.conv), jnp.swapaxes(x, 0, 1))
+    return SelfModCache(levels, conv, cache.phase), jnp.swapaxes(o, 0, 1)
+
+  def _chunks(self, cache: SelfModCache, x: jax.Array):
+    """Whole ``chunk_memory`` chunks: the main memory as the outer level of a nested scan."""
+    c = self.config
+    if x.shape[1] == 0:
+      return cache, jnp.zeros(x.shape[:2] + (c.heads, c.head_dim))
+    inner_names = [n for n in cache.levels if n != "memory"]
+    per = c.chunk_memory // c.chunk_other
+
+    def inner(memory, carry, x_chunk):
+      b = x_chunk.shape[0]
+      sub = jnp.swapaxes(x_chunk.reshape(b, per, c.chunk_other, -1), 0, 1)
+
+      def sub_step(carry, xs):
+        levels, conv = carry
+        both = dict(levels, memory=_frozen(memory))
+        conv, k, _, q, eta, alpha, targets = self._project(both, conv, xs)
+        levels = {n: self.levels[n].step(levels[n], LevelInputs(k, targets[n], None, eta, alpha),
+                                         impl=c.impl)[0] for n in inner_names}
+        return (levels, conv), (q, k, targets["memory"], eta, alpha)
+
+      carry, (q, k, v_hat, eta, alpha) = jax.lax.scan(sub_step, carry, sub)
+      merge = lambda z: jnp.swapaxes(z, 0, 1).reshape((b, c.chunk_memory) + z.shape[3:])
+      q, k, v_hat, eta = merge(q), merge(k), merge(v_hat), merge(eta)
+      alpha = None if alpha is None else merge(alpha)
+      return carry, None, LevelInputs(k, v_hat, q, eta, alpha)
+
+    levels = cache.levels
+    inner_state = ({n: levels[n] for n in inner_names}, cache.conv)
+    (memory_state, (inner_levels, conv)), (_, o) = run_nested(
+        self.levels["memory"], levels["memory"], inner, inner_state, x, impl=c.impl)
+    return SelfModCache(dict(inner_levels, memory=memory_state), conv, cache.phase), o
+
+  def __call__(self, x: jax.Array, cache: SelfModCache | None = None,
+               reference: bool = False) -> tuple[jax.Array, SelfModCache]:
+    """``x [batch, seq, d_model] -> (y [batch, seq, d_model], cache)``.
+
+    ``reference=True`` runs every token through the token-by-token path (the oracle).
+    """
+    c = self.config
+    if cache is None:
+      cache = self.init_cache(x.shape[0])
+    t = x.shape[1]
+    head = t if reference else min(t, (c.chunk_memory - cache.phase) % c.chunk_memory)
+    body = (t - head) // c.chunk_memory * c.chunk_memory
+    impl = "reference" if reference else c.impl
+    cache, o_head = self._tokens(cache, x[:, :head], impl)
+    cache, o_body = self._chunks(cache, x[:, head:head + body])
+    cache, o_tail = self._tokens(cache, x[:, head + body:], impl)
+    o = jnp.concatenate([o_head, o_body, o_tail], axis=1)
+    new_cache = SelfModCache(cache.levels, cache.conv, (cache.phase + t) % c.chunk_memory)
+    return self._output(o, x), new_cache
+
+
+def _frozen(memory: Any):
+  """A LevelState-like view whose anchor is ``memory`` (the outer level's frozen state)."""
+  return _Anchor(memory)
+
+
+class _Anchor:
+  def __init__(self, anchor: Any):
+    self.anchor = anchor
