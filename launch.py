@@ -4,6 +4,10 @@ Flags:
   --experiment  registered name (``--list`` prints them all with a description).
   --workdir     output directory (default ``runs/<experiment>``).
   --steps       overrides the config's ``steps`` field when it has one.
+  --mesh        overrides the config's ``mesh`` field when it has one (``data:2,fsdp:4,tensor:1``).
+  --coordinator_address, --num_processes, --process_id
+                multi-host runs: every process calls ``jax.distributed.initialize`` with these
+                before touching a device (skipped when ``--num_processes=1``).
   --config.F=V  overrides any field ``F`` of the experiment's config, parsed as the field's type.
 """
 
@@ -23,6 +27,10 @@ flags.DEFINE_string("experiment", "demo/nested_lm", "Registered experiment to ru
 flags.DEFINE_bool("list", False, "Print every registered experiment and exit.")
 flags.DEFINE_string("workdir", None, "Output directory (default runs/<experiment>).")
 flags.DEFINE_integer("steps", None, "Override the config's number of training steps.")
+flags.DEFINE_string("mesh", None, "Override the config's device mesh, e.g. data:2,fsdp:4,tensor:1.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host runs).")
+flags.DEFINE_integer("num_processes", 1, "Number of processes (hosts) of the run.")
+flags.DEFINE_integer("process_id", 0, "This process's index in [0, num_processes).")
 FLAGS = flags.FLAGS
 
 _CONFIG_PREFIX = "--config."
@@ -66,6 +74,23 @@ def split_config_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
   return rest, overrides
 
 
+def initialize_distributed(coordinator_address: str | None, num_processes: int,
+                           process_id: int) -> None:
+  """``jax.distributed.initialize`` for a multi-process run; nothing for one process."""
+  if num_processes < 1:
+    raise app.UsageError(f"--num_processes must be >= 1, got {num_processes}")
+  if not 0 <= process_id < num_processes:
+    raise app.UsageError(f"--process_id={process_id} must be in "
+                         f"[0, --num_processes={num_processes})")
+  if num_processes == 1:
+    return
+  if not coordinator_address:
+    raise app.UsageError(f"--coordinator_address=HOST:PORT is required with "
+                         f"--num_processes={num_processes}")
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
 def main(argv, overrides: dict[str, str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -73,9 +98,12 @@ def main(argv, overrides: dict[str, str]) -> None:
     for name in nlj_experiments.names():
       print(f"{name:32s} {nlj_experiments.get(name).description}")
     return
+  initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   experiment = nlj_experiments.get(FLAGS.experiment)
   if FLAGS.steps is not None:
     overrides = {**overrides, "steps": str(FLAGS.steps)}
+  if FLAGS.mesh is not None:
+    overrides = {**overrides, "mesh": FLAGS.mesh}
   config = apply_overrides(experiment.config, overrides)
   workdir = FLAGS.workdir or os.path.join("runs", experiment.name)
   os.makedirs(workdir, exist_ok=True)

@@ -1,0 +1,217 @@
+"""The training loop of a preset decoder LM on the embedded corpus: thin Python around the steps.
+
+``train(config, workdir)``:
+
+1. builds the ``--mesh`` mesh, the preset ``PRESETS[(family, size)]`` and its train state directly
+   in its shardings, and restores the newest checkpoint of ``workdir/checkpoints`` if there is
+   one (parameters, optimizer state, step, key and the data iterator's position);
+2. runs ``steps`` jitted train steps, with the next batch placed on the devices while the
+   current step runs; metrics stay on the devices and are fetched once every ``log_every``
+   steps (one host sync per log line), appended to ``metrics.jsonl`` as
+   ``{"step", "loss", "lr", "grad_norm", "tokens_per_s"}`` (loss averaged over the interval,
+   tokens/s of the interval, the first including compilation);
+3. saves a checkpoint every ``checkpoint_every`` steps and at the end (asynchronously);
+4. evaluates ``eval_batches`` validation batches (in stream order) and writes ``results.json``
+   (validation loss and perplexity, last logged train loss, and ``tokens_per_s`` over this
+   invocation's steps, compilation included) and ``loss.png`` when matplotlib is importable.
+
+Files are written by process 0 only; every process runs the same loop on its slice of the
+batch (``PackedBatches(process_index, process_count)``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import time
+from typing import Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from nlj.data import PackedBatches, get_tokenizer, load_corpus
+from nlj.models import PRESETS, count_params
+from nlj.train.checkpoint import Checkpoints
+from nlj.train.sharding import (create_train_state, jit_eval_step, jit_train_step, make_mesh,
+                                shard_batch)
+from nlj.train.step import adamw_cosine, make_eval_step, make_train_step
+
+__all__ = ["TrainConfig", "train", "prefetch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """A language-model training run (every field is a ``--config.FIELD`` flag of ``launch.py``).
+
+  Attributes:
+    family: model family (``nlj.models.families()``).
+    size: preset size (``nlj.models.SIZES``); the model is ``PRESETS[(family, size)]``.
+    steps: total optimizer steps (a resumed run continues up to this many).
+    batch_size: global batch, in sequences (divisible by the mesh's ``data * fsdp``).
+    seq_len: tokens per sequence.
+    learning_rate: peak AdamW learning rate.
+    warmup: linear warmup steps, then cosine decay to 10% at ``steps``.
+    weight_decay: AdamW decoupled weight decay.
+    grad_clip: gradient global-norm clip.
+    tokenizer: ``nlj.data.get_tokenizer`` name; its vocabulary must fit the preset's.
+    mesh: mesh spec, e.g. ``data:2,fsdp:4,tensor:1`` (``nlj.train.sharding``).
+    checkpoint_every: save every this many steps (and at the last step).
+    keep: number of checkpoints kept.
+    seed: parameter initialisation and data order seed.
+    eval_batches: validation batches averaged for the final validation loss.
+    log_every: fetch and log metrics every this many steps.
+  """
+
+  family: str = "gated_deltanet"
+  size: str = "tiny"
+  steps: int = 200
+  batch_size: int = 16
+  seq_len: int = 128
+  learning_rate: float = 3e-3
+  warmup: int = 20
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+  tokenizer: str = "bytes"
+  mesh: str = "data:-1"
+  checkpoint_every: int = 100
+  keep: int = 3
+  seed: int = 0
+  eval_batches: int = 8
+  log_every: int = 10
+
+
+def _check(config: TrainConfig) -> None:
+  for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "keep", "eval_batches",
+               "log_every"):
+    value = getattr(config, name)
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+  if (config.family, config.size) not in PRESETS:
+    raise ValueError(f"TrainConfig.family={config.family!r}, size={config.size!r}: no such preset; "
+                     f"families {sorted({f for f, _ in PRESETS})}, sizes "
+                     f"{sorted({s for _, s in PRESETS})}")
+
+
+def prefetch(batches: PackedBatches, mesh: Mesh, count: int, size: int = 2
+             ) -> Iterator[tuple[jax.Array, dict[str, int]]]:
+  """``count`` sharded batches, each with the iterator position after it, ``size`` ahead.
+
+  Device transfers are asynchronous, so the batches after the current one are on their way to
+  the devices while the step that consumes the current one runs.
+  """
+  queue: collections.deque = collections.deque()
+
+  def put() -> None:
+    queue.append((shard_batch(next(batches), mesh), batches.state()))
+
+  for _ in range(min(size, count)):
+    put()
+  for i in range(count):
+    yield queue.popleft()
+    if i + size < count:
+      put()
+
+
+def _read_metrics(path: str, up_to: int) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return [r for r in records if r["step"] <= up_to]
+
+
+def _plot(records: list[dict], path: str) -> None:
+  if not records or importlib.util.find_spec("matplotlib") is None:
+    return
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot([r["step"] for r in records], [r["loss"] for r in records])
+  ax.set_xlabel("step")
+  ax.set_ylabel("train loss (nats/token)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def train(config: TrainConfig, workdir: str) -> dict:
+  """Train (or resume) ``config`` in ``workdir``; returns the ``results.json`` dict."""
+  _check(config)
+  model_config = PRESETS[(config.family, config.size)]
+  vocab = get_tokenizer(config.tokenizer).vocab_size
+  if vocab > model_config.vocab:
+    raise ValueError(f"TrainConfig.tokenizer={config.tokenizer!r} has {vocab} ids, more than the "
+                     f"{model_config.vocab} of preset ({config.family!r}, {config.size!r})")
+  main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  corpus = load_corpus("offline-mix", config.tokenizer)
+  mesh = make_mesh(config.mesh)
+  if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise ValueError(f"TrainConfig.batch_size={config.batch_size} must be divisible by data * fsdp "
+                     f"of TrainConfig.mesh={config.mesh!r} ({dict(mesh.shape)})")
+  optimizer, schedule = adamw_cosine(config.learning_rate, config.warmup, config.steps,
+                                     config.weight_decay, config.grad_clip)
+  graphdef, state, shardings = create_train_state(model_config, optimizer, config.seed, mesh)
+  train_step = jit_train_step(make_train_step(graphdef, optimizer, schedule), shardings, mesh)
+  eval_step = jit_eval_step(make_eval_step(graphdef), shardings, mesh)
+  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  batches = PackedBatches(corpus.train, config.batch_size, config.seq_len, config.seed, **hosts)
+  checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config.keep)
+  if checkpoints.latest_step() is not None:
+    state, position = checkpoints.restore(state, shardings)
+    batches.restore(position)
+  start = int(jax.device_get(state.step))
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  records = _read_metrics(metrics_path, start)  # drops lines logged after the checkpoint
+  if main:
+    with open(metrics_path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records)
+  pending, tick, run_start = [], time.perf_counter(), time.perf_counter()
+  tokens = config.batch_size * config.seq_len
+  for step, (batch, position) in enumerate(
+      prefetch(batches, mesh, max(0, config.steps - start)), start + 1):
+    state, metrics = train_step(state, batch)
+    pending.append(metrics)
+    if step % config.log_every == 0 or step == config.steps:
+      fetched, now = jax.device_get(pending), time.perf_counter()
+      record = {"step": step, "loss": float(np.mean([m["loss"] for m in fetched])),
+                "lr": float(fetched[-1]["learning_rate"]),
+                "grad_norm": float(fetched[-1]["grad_norm"]),
+                "tokens_per_s": len(fetched) * tokens / (now - tick)}
+      pending, tick = [], now
+      records.append(record)
+      if main:
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(record) + "\n")
+        print(f"step {step:6d}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  grad_norm "
+              f"{record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tokens/s", flush=True)
+    if step % config.checkpoint_every == 0 or step == config.steps:
+      checkpoints.save(state, position)
+  trained = max(0, config.steps - start)
+  seconds = time.perf_counter() - run_start
+  validation = PackedBatches(corpus.validation, config.batch_size, config.seq_len, seed=0,
+                             shuffle=False, **hosts)
+  losses = [eval_step(state.params, shard_batch(b, mesh))["loss"]
+            for _, b in zip(range(config.eval_batches), validation)]
+  val_loss = float(np.mean(jax.device_get(losses)))
+  checkpoints.close()
+  results = {"family": config.family, "size": config.size, "params": count_params(model_config),
+             "steps": config.steps, "resumed_from_step": start, "mesh": dict(mesh.shape),
+             "devices": jax.device_count(), "val_loss": val_loss,
+             "val_perplexity": math.exp(val_loss),
+             "train_loss": records[-1]["loss"] if records else None,
+             "tokens_per_s": trained * tokens / seconds if trained else None,
+             "config": dataclasses.asdict(config)}
+  if main:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    _plot(records, os.path.join(workdir, "loss.png"))
+    print(f"validation loss {val_loss:.4f} nats/token, perplexity {math.exp(val_loss):.2f} "
+          f"(tokenizer={config.tokenizer})", flush=True)
+  return results
