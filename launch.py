@@ -23,7 +23,7 @@ from absl import app, flags
 
 import nlj_experiments
 
-flags.DEFINE_string("experiment", "demo/nested_lm", "Registered experiment to run.")
+flags.DEFINE_string("experiment", "lm/hope_tiny", "Registered experiment to run.")
 flags.DEFINE_bool("list", False, "Print every registered experiment and exit.")
 flags.DEFINE_string("workdir", None, "Output directory (default runs/<experiment>).")
 flags.DEFINE_integer("steps", None, "Override the config's number of training steps.")
