@@ -4,8 +4,12 @@ A CPU-sized stand-in for the paper's ImageNet-21K ViT comparison (§9.7, Fig. 11
 efficiency plot (Fig. 12): the same tiny pre-norm ViT (patch 2 -> 16 tokens, width 32, 2 blocks,
 4 heads, mean pooling) is trained on scikit-learn's ``load_digits`` (1797 images, a fixed 80/20
 split) for the same number of steps with each optimizer. Recorded: train-loss curves, test
-loss/accuracy, the median wall time of a train step (jitted forward + backward, then the jitted
-update) and of the optimizer update alone, and M3's overhead relative to Muon.
+loss/accuracy (also at step 0), the median wall time of a train step (jitted forward + backward,
+then the jitted update) -- over the training steps after the first two, and again over
+``timing_steps`` rounds interleaved across optimizers -- and of the optimizer update alone
+(``10 * timing_steps`` interleaved rounds; median and mean), and M3's overhead relative to
+Muon. The training loop, optimizer construction and plot are shared with ``optim/compare_lm``
+(:mod:`._compare`).
 
 Muon and M3 use :func:`nlj.optim.muon` / :func:`nlj.optim.m3`, i.e. Newton–Schulz on every 2-D
 kernel (patch embedding and head included) and AdamW on biases, norms and the ``[1, T, d]``
@@ -20,18 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nlj import optim
 from nlj_experiments import register
-from nlj_experiments.optim import _io
-
-OPTIMIZERS = ("adamw", "muon", "m3", "dmgd")
+from nlj_experiments.optim import _compare, _io
+from nlj_experiments.optim._compare import OPTIMIZERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,28 +123,6 @@ def vit_apply(params: dict, images: jax.Array, cfg: Config) -> jax.Array:
   return _dense(params["head"], _ln(params["norm"], x).mean(1))
 
 
-def make_optimizer(name: str, cfg: Config) -> optax.GradientTransformation:
-  if name == "adamw":
-    return optax.adamw(cfg.adamw_lr, weight_decay=cfg.weight_decay)
-  if name == "muon":
-    return optim.muon(cfg.muon_lr, adam_learning_rate=cfg.aux_adam_lr)
-  if name == "m3":
-    return optim.m3(cfg.m3_lr, cfg.m3_frequency, mode=cfg.m3_mode, alpha=cfg.m3_alpha,
-                    rms_normalize=cfg.m3_rms_normalize, adam_learning_rate=cfg.aux_adam_lr)
-  if name == "dmgd":
-    return optim.dmgd(cfg.dmgd_lr, 0.9)
-  raise ValueError(f"compare_digits: unknown optimizer {name!r}; known: {OPTIMIZERS}")
-
-
-def _median_time(fn, n: int) -> float:
-  ts = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
-
-
 def make_fns(cfg: Config, test_data):
   """Jitted functions shared by every optimizer (compiled once): loss+grad and evaluation."""
   xte, yte = test_data
@@ -162,97 +141,44 @@ def make_fns(cfg: Config, test_data):
   return grad_fn, evaluate
 
 
-def train_one(name: str, cfg: Config, data, fns=None) -> dict:
-  """Trains the ViT with one optimizer; returns curves, test metrics and median timings.
-
-  A train step is ``grad_fn`` (shared, jitted) followed by ``update`` (jitted per optimizer:
-  ``tx.update`` + ``apply_updates``); ``step_time_ms`` is the median of the pair, and
-  ``update_time_ms`` of the update alone, over ``timing_steps`` calls on a fixed batch.
-  """
+def train_one(name: str, cfg: Config, data, fns=None) -> tuple[dict, dict]:
+  """Trains the ViT with one optimizer (:func:`_compare.train`): ``(result, timers)``."""
   (xtr, ytr), test = data
   grad_fn, evaluate = fns or make_fns(cfg, test)
-  params = init_vit(jax.random.PRNGKey(cfg.seed), cfg)
-  tx = make_optimizer(name, cfg)
-  state = tx.init(params)
-
-  @jax.jit
-  def update(g, s, p):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
   rng = np.random.default_rng(cfg.seed + 1)
-  curve, evals = [], []
-  for step in range(1, cfg.steps + 1):
-    idx = rng.choice(len(xtr), cfg.batch_size, replace=False)
-    loss, g = grad_fn(params, xtr[idx], ytr[idx])
-    params, state = update(g, state, params)
-    curve.append(float(loss))
-    if step % cfg.eval_every == 0 or step == cfg.steps:
-      tl, ta = evaluate(params)
-      evals.append({"step": step, "test_loss": float(tl), "test_acc": float(ta)})
 
-  xb, yb = xtr[:cfg.batch_size], ytr[:cfg.batch_size]
-  _, grads = grad_fn(params, xb, yb)
-  step_s = _median_time(lambda: update(grad_fn(params, xb, yb)[1], state, params)[0],
-                        cfg.timing_steps)
-  update_s = _median_time(lambda: update(grads, state, params)[0], cfg.timing_steps)
-  tail = curve[-min(20, len(curve)):]
-  return {
-      "train_loss": curve,
-      "final_train_loss_avg20": float(np.mean(tail)),
-      "evals": evals,
-      "final_test_loss": evals[-1]["test_loss"],
-      "final_test_acc": evals[-1]["test_acc"],
-      "step_time_ms": 1e3 * step_s,
-      "update_time_ms": 1e3 * update_s,
-  }
+  def batches():
+    while True:
+      idx = rng.choice(len(xtr), cfg.batch_size, replace=False)
+      yield xtr[idx], ytr[idx]
+
+  def metrics(p):
+    tl, ta = evaluate(p)
+    return {"test_loss": float(tl), "test_acc": float(ta)}
+
+  r, timers = _compare.train(_compare.make_optimizer(name, cfg),
+                             init_vit(jax.random.PRNGKey(cfg.seed), cfg), grad_fn, batches(),
+                             cfg.steps, metrics, cfg.eval_every)
+  return {**r, "final_test_loss": r["evals"][-1]["test_loss"],
+          "final_test_acc": r["evals"][-1]["test_acc"]}, timers
 
 
 def run(config: Config, workdir: str) -> dict:
   """Trains the ViT with each optimizer; writes ``compare_digits.json`` and ``.png``."""
-  for name in config.optimizers:
-    if name not in OPTIMIZERS:
-      raise ValueError(f"compare_digits: unknown optimizer {name!r}; known: {OPTIMIZERS}")
+  _compare.check_names(config.optimizers, "compare_digits")
   data = load_data(config.seed)
   fns = make_fns(config, data[1])
-  results = {name: train_one(name, config, data, fns) for name in config.optimizers}
-  summary = {n: {k: v for k, v in r.items() if k not in ("train_loss", "evals")}
-             for n, r in results.items()}
-  ratios = {}
-  if "m3" in results and "muon" in results:
-    ratios = {
-        "m3_over_muon_step_time": results["m3"]["step_time_ms"] / results["muon"]["step_time_ms"],
-        "m3_over_muon_update_time":
-            results["m3"]["update_time_ms"] / results["muon"]["update_time_ms"],
-    }
-  out = {"config": dataclasses.asdict(config), "device": str(jax.devices()[0]),
-         "summary": summary, "ratios": ratios, "curves": results}
-
-  plt = _io.pyplot()
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-  for n, r in results.items():
-    c = np.asarray(r["train_loss"])
-    k = max(1, min(10, len(c) // 5))
-    smooth = np.convolve(c, np.ones(k) / k, mode="valid")
-    axes[0].plot(np.arange(k, len(c) + 1), smooth, label=n)
-    axes[1].plot([e["step"] for e in r["evals"]], [e["test_loss"] for e in r["evals"]], "o-",
-                 label=n)
-  axes[0].set(title="train loss (moving avg)", xlabel="step", yscale="log")
-  axes[1].set(title="test loss", xlabel="step", yscale="log")
-  names = list(results)
-  axes[2].bar(np.arange(len(names)) - 0.2, [results[n]["step_time_ms"] for n in names], 0.4,
-              label="train step")
-  axes[2].bar(np.arange(len(names)) + 0.2, [results[n]["update_time_ms"] for n in names], 0.4,
-              label="update only")
-  axes[2].set(title=f"median time (ms), {out['device']}", xticks=np.arange(len(names)),
-              xticklabels=names)
-  for ax in axes:
-    ax.legend()
-  fig.tight_layout()
+  results = _compare.train_all(config.optimizers,
+                               lambda name: train_one(name, config, data, fns),
+                               config.timing_steps)
+  summary, ratios = _compare.summarize(results)
+  device = str(jax.devices()[0])
   os.makedirs(workdir, exist_ok=True)
-  fig.savefig(os.path.join(workdir, "compare_digits.png"), dpi=100)
-  plt.close(fig)
-  _io.write_json(workdir, "compare_digits.json", out)
+  _compare.plot(results, os.path.join(workdir, "compare_digits.png"), eval_key="test_loss",
+                eval_title="test loss", device=device)
+  _io.write_json(workdir, "compare_digits.json",
+                 {"config": dataclasses.asdict(config), "device": device, "summary": summary,
+                  "ratios": ratios, "curves": results})
   return {"summary": summary, "ratios": ratios}
 
 

@@ -147,7 +147,7 @@ def run(config: Config, workdir: str) -> dict:
       axes[0, j].semilogy(np.maximum(ls[:, i], 1e-12), label=f"task {i + 1}")
       if name != "sgd":
         axes[1, j].semilogy(np.maximum(shares[:, i], 1e-12), label=f"S{i + 1}")
-    for ax in axes[:, j]:
+    for ax in axes[:, j] if name != "sgd" else axes[:1, j]:
       for b in range(1, k):
         ax.axvline(b * config.steps_per_task, color="k", ls=":", lw=0.8)
     axes[0, j].set(title=f"{name}: task losses", xlabel="step")
