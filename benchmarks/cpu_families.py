@@ -14,7 +14,6 @@ import subprocess
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 

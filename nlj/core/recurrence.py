@@ -12,7 +12,6 @@ Both return every intermediate ``h_1..h_C`` (the per-token states the read-out n
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 __all__ = ["scalar_recurrence", "matrix_recurrence"]
 

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nlj.core import Level, LevelInputs, LevelState, deltanet, gated_deltanet, linear_attention
+from nlj.core import Level, LevelInputs, deltanet, gated_deltanet, linear_attention
 from nlj.core.dispatch import IMPLS
 from nlj.layers.common import GatedRMSNorm, ShortConv, dense, l2_normalize
 from nlj.models.registry import register_family

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nlj.core import (Level, LevelInputs, MatrixMemory, L2, Rule, deltanet, dgd_memory,
+from nlj.core import (Level, MatrixMemory, L2, Rule, deltanet, dgd_memory,
                       gated_deltanet, linear_attention, titans_memory)
 from tests.core.helpers import random_inputs
 
