@@ -2,7 +2,6 @@
 tiny hybrid (one layer each), plus CMS reductions and the NTP-signal CMS driver."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,8 @@ from flax import nnx
 
 from nlj.models import PRESETS, ModelConfig, build_model, generate
 from nlj.models.ntp import forward_with_ntp_updates
-from tests.models.helpers import FAST_COMPILE
+from tests.models.helpers import (FAST_COMPILE, assert_trees_close, cached_lm, dead_parameters,
+                                  nll_gradients)
 
 FAMILIES = ("hope", "hope_attention", "self_mod_titans")
 TINY = PRESETS[("hope", "tiny")]  # chunk 8, chunk_others 4, cms (4, 16)
@@ -22,30 +22,16 @@ B, T = 2, 22
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
-@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
-def _forward(graphdef, state, tokens, cache):
-  return nnx.merge(graphdef, state)(tokens, cache)
-
-
-@functools.cache
 def _lm(config=HYBRID):
-  model = build_model(config, nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
-
-  def f(tokens, cache=None):
-    cache = model.init_cache(tokens.shape[0], T) if cache is None else cache
-    return _forward(graphdef, state, tokens, cache)
-
-  return model, f
+  return cached_lm(config, T)
 
 
 def _tokens(seed=0, seq=T, vocab=HYBRID.vocab):
   return jax.random.randint(jax.random.key(seed), (B, seq), 0, vocab)
 
 
-def _close(a, b, **tol):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(x, y, **(tol or TOL))
+def _close(a, b):
+  assert_trees_close(a, b, **TOL)
 
 
 def test_layers_follow_the_pattern():
@@ -91,20 +77,10 @@ def test_token_by_token_equals_teacher_forced():
 
 def test_gradients_reach_every_parameter():
   model, _ = _lm()
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tokens = _tokens(4)
-
-  def loss(params):
-    logits, _ = nnx.merge(graphdef, params, rest)(tokens)
-    logp = jax.nn.log_softmax(logits[:, :-1])
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
-
-  grads = jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE)(params)
-  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-  dead = [jax.tree_util.keystr(p) for p, g in flat
-          if not bool(jnp.any(g != 0)) or not bool(jnp.all(jnp.isfinite(g)))]
+  flat = nll_gradients(model, _tokens(4))
+  dead = dead_parameters(flat)
   assert not dead, f"parameters with all-zero or non-finite gradients: {dead}"
-  names = " ".join(jax.tree_util.keystr(p) for p, _ in flat)
+  names = " ".join(p for p, _ in flat)
   for memory in ("'k'", "'v'", "'eta'", "'alpha'", "'memory'"):
     assert memory in names  # every meta-learned initial state of self-modifying Titans
   assert "init_params" in names and "mlp" in names  # CMS levels' initial states

@@ -3,15 +3,13 @@ one tiny hybrid (one layer each): causality, per-sample states, streaming, token
 generation and gradients to every parameter."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from nlj.models import PRESETS, build_model, generate
-from tests.models.helpers import FAST_COMPILE
+from nlj.models import PRESETS, generate
+from tests.models.helpers import assert_trees_close, cached_lm, dead_parameters, nll_gradients
 
 FAMILIES = ("transformer", "titans_lmm", "titans_mac", "titans_mag", "titans_mal")
 HYBRID = dataclasses.replace(PRESETS[("titans_mac", "tiny")], layers=5, pattern=FAMILIES,
@@ -20,21 +18,8 @@ B, T = 2, 22
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
-@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
-def _forward(graphdef, state, tokens, cache):
-  return nnx.merge(graphdef, state)(tokens, cache)
-
-
-@functools.cache
-def _lm():
-  model = build_model(HYBRID, nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
-
-  def f(tokens, cache=None):
-    cache = model.init_cache(tokens.shape[0], T) if cache is None else cache
-    return _forward(graphdef, state, tokens, cache)
-
-  return model, f
+def _lm(config=HYBRID):
+  return cached_lm(config, T)
 
 
 def _tokens(seed=0, seq=T):
@@ -42,8 +27,7 @@ def _tokens(seed=0, seq=T):
 
 
 def _close(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(x, y, **TOL)
+  assert_trees_close(a, b, **TOL)
 
 
 def test_layers_follow_the_pattern():
@@ -80,16 +64,6 @@ def test_streaming_and_generation_equal_one_call():
 
 def test_gradients_reach_every_parameter():
   model, _ = _lm()
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tokens = _tokens(4)
-
-  def loss(params):
-    logits, _ = nnx.merge(graphdef, params, rest)(tokens)
-    logp = jax.nn.log_softmax(logits[:, :-1])
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
-
-  grads = jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE)(params)
-  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-  dead = [jax.tree_util.keystr(p) for p, g in flat
-          if not bool(jnp.any(g != 0)) or not bool(jnp.all(jnp.isfinite(g)))]
+  flat = nll_gradients(model, _tokens(4))
+  dead = dead_parameters(flat)
   assert not dead, f"parameters with all-zero or non-finite gradients: {dead}"
