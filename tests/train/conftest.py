@@ -1,7 +1,7 @@
 """Train tests: 8 fake CPU devices for the sharding checks.
 
-The device-count flag is appended to ``XLA_FLAGS`` (``tests/conftest.py`` sets the optimisation
-flags first). It only takes effect if no JAX backend has started in this process yet; when one
+The device-count flag is appended to ``XLA_FLAGS`` (keeping any flags already set). It only
+takes effect if no JAX backend has started in this process yet; when one
 has (e.g. an xdist worker that ran other test directories first), a test marked
 ``needs_8_devices`` reruns alone in a fresh ``pytest`` subprocess and passes iff it passes there.
 """
