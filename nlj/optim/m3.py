@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import optax
 
 from nlj.optim import _utils
-from nlj.optim.muon import matrix_labels
+from nlj.optim.muon import matrices_with_adamw
 from nlj.optim.newton_schulz import NS_COEFFS, newton_schulz
 
 __all__ = ["M3State", "scale_by_m3", "m3"]
@@ -206,22 +206,8 @@ def m3(
   Returns:
     An ``optax.GradientTransformation`` (a partition over ``"m3"`` / ``"adam"`` leaves).
   """
-  fn = "m3"
-  _utils.check_learning_rate(fn, learning_rate)
-  if adam_learning_rate is None:
-    adam_learning_rate = learning_rate
-  _utils.check_learning_rate(fn, adam_learning_rate, "adam_learning_rate")
-  _utils.check_range(fn, "weight_decay", weight_decay, low=0.0)
-  return optax.partition(
-      {
-          "m3": optax.chain(
-              scale_by_m3(frequency, mode=mode, beta1=beta1, beta2=beta2, beta3=beta3,
-                          alpha=alpha, eps=eps, ns_steps=ns_steps, rms_normalize=rms_normalize),
-              optax.add_decayed_weights(weight_decay),
-              optax.scale_by_learning_rate(learning_rate),
-          ),
-          "adam": optax.adamw(adam_learning_rate, b1=adam_b1, b2=adam_b2,
-                              weight_decay=adam_weight_decay),
-      },
-      lambda p: matrix_labels(p, "m3", "adam"),
-  )
+  return matrices_with_adamw(
+      "m3", scale_by_m3(frequency, mode=mode, beta1=beta1, beta2=beta2, beta3=beta3,
+                        alpha=alpha, eps=eps, ns_steps=ns_steps, rms_normalize=rms_normalize),
+      learning_rate, weight_decay, adam_learning_rate,
+      dict(b1=adam_b1, b2=adam_b2, weight_decay=adam_weight_decay))

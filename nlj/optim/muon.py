@@ -112,6 +112,35 @@ def matrix_labels(params: optax.Params, matrix_label: str, other_label: str) -> 
   return jax.tree.map(lambda p: matrix_label if jnp.ndim(p) == 2 else other_label, params)
 
 
+def matrices_with_adamw(fn: str, matrix_tx: optax.GradientTransformation,
+                        learning_rate: _utils.ScalarOrSchedule, weight_decay: float,
+                        adam_learning_rate: _utils.ScalarOrSchedule | None,
+                        adam_kwargs: dict) -> optax.GradientTransformation:
+  """``matrix_tx`` + decoupled weight decay + ``-η`` on 2-D leaves, AdamW on the others.
+
+  Args:
+    fn: the public optimizer's name (for error messages and the partition labels).
+    matrix_tx: the scale-by transformation of the 2-D branch (Muon, M3).
+    learning_rate: ``η`` of the 2-D branch.
+    weight_decay: decoupled weight decay of the 2-D branch (multiplied by ``η``).
+    adam_learning_rate: learning rate of the AdamW branch; None uses ``learning_rate``.
+    adam_kwargs: the other ``optax.adamw`` arguments.
+  """
+  _utils.check_learning_rate(fn, learning_rate)
+  if adam_learning_rate is None:
+    adam_learning_rate = learning_rate
+  _utils.check_learning_rate(fn, adam_learning_rate, "adam_learning_rate")
+  _utils.check_range(fn, "weight_decay", weight_decay, low=0.0)
+  return optax.partition(
+      {
+          fn: optax.chain(matrix_tx, optax.add_decayed_weights(weight_decay),
+                          optax.scale_by_learning_rate(learning_rate)),
+          "adam": optax.adamw(adam_learning_rate, **adam_kwargs),
+      },
+      lambda p: matrix_labels(p, fn, "adam"),
+  )
+
+
 def muon(
     learning_rate: _utils.ScalarOrSchedule,
     beta: float = 0.95,
@@ -144,22 +173,8 @@ def muon(
   Returns:
     An ``optax.GradientTransformation`` (a partition over ``"muon"`` / ``"adam"`` leaves).
   """
-  fn = "muon"
-  _utils.check_learning_rate(fn, learning_rate)
-  if adam_learning_rate is None:
-    adam_learning_rate = learning_rate
-  _utils.check_learning_rate(fn, adam_learning_rate, "adam_learning_rate")
-  _utils.check_range(fn, "weight_decay", weight_decay, low=0.0)
-  return optax.partition(
-      {
-          "muon": optax.chain(
-              scale_by_muon(beta, nesterov=nesterov, ns_steps=ns_steps, ns_coeffs=ns_coeffs,
+  return matrices_with_adamw(
+      "muon", scale_by_muon(beta, nesterov=nesterov, ns_steps=ns_steps, ns_coeffs=ns_coeffs,
                             eps=eps),
-              optax.add_decayed_weights(weight_decay),
-              optax.scale_by_learning_rate(learning_rate),
-          ),
-          "adam": optax.adamw(adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=eps,
-                              weight_decay=adam_weight_decay, nesterov=nesterov),
-      },
-      lambda p: matrix_labels(p, "muon", "adam"),
-  )
+      learning_rate, weight_decay, adam_learning_rate,
+      dict(b1=adam_b1, b2=adam_b2, eps=eps, weight_decay=adam_weight_decay, nesterov=nesterov))
