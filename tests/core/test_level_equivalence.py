@@ -1,5 +1,7 @@
 """Chunked form == token-by-token reference, over rules, memories, objectives and random shapes."""
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +52,7 @@ def _assert_equivalent(level, batch, seq, seed):
 @pytest.mark.parametrize("semantics", ["boundary", "exact"])
 @pytest.mark.parametrize("rule_name", sorted(RULES))
 def test_every_rule(rule_name, semantics):
-  rng = np.random.default_rng(abs(hash((rule_name, semantics))) % 2**32)
+  rng = np.random.default_rng(zlib.crc32(f"{rule_name}/{semantics}".encode()))  # stable seed
   level = Level(_memory(rng, 4, 3), OBJECTIVES[rng.integers(4)], RULES[rule_name],
                 chunk=int(rng.integers(2, 5)), semantics=semantics,
                 read=["after", "before", "boundary"][rng.integers(3)], heads=2)
