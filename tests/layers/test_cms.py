@@ -11,6 +11,7 @@ from flax import nnx
 
 from nlj.core import LevelInputs
 from nlj.layers.cms import CMSConfig, ContinuumMemory
+from tests.core.helpers import max_diff
 
 B, D = 2, 6
 CFG = CMSConfig(D, chunks=(2, 4), lrs=(0.05, 0.05), hidden_mult=2.0)
@@ -24,10 +25,6 @@ def _cms(**changes):
 def _x(seed=0, seq=12):
   return jax.random.normal(jax.random.key(seed), (B, seq, D), jnp.float64)
 
-
-def _diff(a, b):
-  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a),
-                                                            jax.tree.leaves(b), strict=True))
 
 
 def _mlp(params, x, residual):
@@ -47,7 +44,7 @@ def test_level_parameters_change_exactly_every_chunk():
       history.append([lv.anchor for lv in cache.levels])
     for level, chunk in enumerate(CFG.chunks):
       for t in range(1, 12):
-        changed = _diff(history[t][level], history[t - 1][level]) > 0
+        changed = max_diff(history[t][level], history[t - 1][level]) > 0
         assert changed == ((t + 1) % chunk == 0), (level, t)
 
 
@@ -70,9 +67,9 @@ def test_reads_use_the_state_frozen_at_the_chunk_boundary():
     x = _x(2)
     y, _ = m(x)
     y2, _ = m(x.at[:, 1].add(1.0))
-    assert _diff(y[:, :1], y2[:, :1]) == 0.0
-    assert _diff(y[:, 2:4], y2[:, 2:4]) == 0.0  # same frozen weights, unchanged inputs
-    assert _diff(y[:, 4:], y2[:, 4:]) > 1e-6     # the next chunk learned from token 1
+    assert max_diff(y[:, :1], y2[:, :1]) == 0.0
+    assert max_diff(y[:, 2:4], y2[:, 2:4]) == 0.0  # same frozen weights, unchanged inputs
+    assert max_diff(y[:, 4:], y2[:, 4:]) > 1e-6     # the next chunk learned from token 1
 
 
 @pytest.mark.parametrize("variant", ["sequential", "nested", "independent"])
@@ -87,8 +84,8 @@ def test_streaming_pieces_equal_one_call(variant, lengths):
       out, c = m(x[:, start:start + n], c)
       ys.append(out)
       start += n
-    assert _diff(jnp.concatenate(ys, axis=1), y) < 1e-12
-    assert _diff(c.levels, cache.levels) < 1e-12
+    assert max_diff(jnp.concatenate(ys, axis=1), y) < 1e-12
+    assert max_diff(c.levels, cache.levels) < 1e-12
 
 
 def test_nested_variant_restarts_the_faster_level():
@@ -102,8 +99,8 @@ def test_nested_variant_restarts_the_faster_level():
     level = m.levels[0]
     fresh = level.init_state(m.init_params[0].get_value(), B)
     want, _ = level.run(fresh, LevelInputs(x[:, 3:5, None], x[:, 4:6, None]))
-    assert _diff(cache.levels[0].memory, want.memory) < 1e-12
-    assert _diff(cache.levels[0].memory, plain.levels[0].memory) > 1e-6
+    assert max_diff(cache.levels[0].memory, want.memory) < 1e-12
+    assert max_diff(cache.levels[0].memory, plain.levels[0].memory) > 1e-6
 
 
 def test_independent_variant_aggregates_levels_with_softmax_weights():

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from nlj.layers.selfmod import SelfModConfig, SelfModifyingTitans
+from tests.core.helpers import max_diff
 from tests.layers.helpers import zero_grad_paths
 
 B, T, D = 2, 13, 8
@@ -25,10 +26,6 @@ def _x(seed=0, batch=B, seq=T):
   return jax.random.normal(jax.random.key(seed), (batch, seq, D), jnp.float64)
 
 
-def _diff(a, b):
-  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a),
-                                                            jax.tree.leaves(b), strict=True))
-
 
 @pytest.mark.parametrize("changes", [
     {}, {"memory_read": "before"}, {"memory_read": "after", "adaptive_q": True},
@@ -39,9 +36,9 @@ def test_chunked_equals_token_reference(changes):
     m = _module(**changes)
     y, cache = m(_x())
     y_ref, cache_ref = m(_x(), reference=True)
-    assert _diff(y, y_ref) < 1e-10 and _diff(cache, cache_ref) < 1e-10
+    assert max_diff(y, y_ref) < 1e-10 and max_diff(cache, cache_ref) < 1e-10
     assert cache.phase == T % CFG.chunk_memory
-    moved = _diff(cache.levels, m.init_cache(B).levels)
+    moved = max_diff(cache.levels, m.init_cache(B).levels)
     assert moved > 1e-3  # the memories learned in context
 
 
@@ -56,7 +53,7 @@ def test_streaming_pieces_equal_one_call(lengths):
       out, c = m(x[:, start:start + n], c)
       ys.append(out)
       start += n
-    assert _diff(jnp.concatenate(ys, axis=1), y) < 1e-10 and _diff(c, cache) < 1e-10
+    assert max_diff(jnp.concatenate(ys, axis=1), y) < 1e-10 and max_diff(c, cache) < 1e-10
 
 
 def test_causal_and_per_sample():
@@ -66,9 +63,9 @@ def test_causal_and_per_sample():
     y, _ = m(x)
     t = 6
     y2, _ = m(x.at[1, t + 1:].add(1.0))
-    assert _diff(y2[1, :t + 1], y[1, :t + 1]) == 0.0
-    assert _diff(y2[0], y[0]) == 0.0 and _diff(y2[2], y[2]) == 0.0
-    assert _diff(y2[1, t + 1:], y[1, t + 1:]) > 1e-6
+    assert max_diff(y2[1, :t + 1], y[1, :t + 1]) == 0.0
+    assert max_diff(y2[0], y[0]) == 0.0 and max_diff(y2[2], y[2]) == 0.0
+    assert max_diff(y2[1, t + 1:], y[1, t + 1:]) > 1e-6
 
 
 def test_outputs_use_memories_only_through_boundary_states():
@@ -78,8 +75,8 @@ def test_outputs_use_memories_only_through_boundary_states():
     learn, frozen = _module(), _module(eta_scale=1e-12)
     y, _ = learn(_x(3))
     y0, _ = frozen(_x(3))
-    assert _diff(y[:, :CFG.chunk_memory], y0[:, :CFG.chunk_memory]) < 1e-9
-    assert _diff(y[:, CFG.chunk_memory:], y0[:, CFG.chunk_memory:]) > 1e-6
+    assert max_diff(y[:, :CFG.chunk_memory], y0[:, :CFG.chunk_memory]) < 1e-9
+    assert max_diff(y[:, CFG.chunk_memory:], y0[:, CFG.chunk_memory:]) > 1e-6
 
 
 @pytest.mark.parametrize("read", ["boundary", "before"])
