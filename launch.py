@@ -8,7 +8,8 @@ Flags:
   --coordinator_address, --num_processes, --process_id
                 multi-host runs: every process calls ``jax.distributed.initialize`` with these
                 before touching a device (skipped when ``--num_processes=1``).
-  --config.F=V  overrides any field ``F`` of the experiment's config, parsed as the field's type.
+  --config.F=V  overrides any field ``F`` of the experiment's config, parsed as the field's type
+                (``none`` for a field that may be None, e.g. ``--config.peak_flops=989e12``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dataclasses
 import json
 import os
 import sys
+import types
 import typing
 
 from absl import app, flags
@@ -37,6 +39,10 @@ _CONFIG_PREFIX = "--config."
 
 
 def _parse_value(text: str, kind: type):
+  if typing.get_origin(kind) in (typing.Union, types.UnionType):
+    if type(None) in typing.get_args(kind) and text.lower() == "none":
+      return None
+    (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
   if kind is bool:
     if text.lower() not in ("true", "false", "1", "0"):
       raise ValueError(f"expected true/false, got {text!r}")
@@ -56,7 +62,8 @@ def apply_overrides(config, overrides: dict[str, str]):
     try:
       values[name] = _parse_value(text, hints[name])
     except ValueError as e:
-      raise ValueError(f"--config.{name}={text!r}: not a valid {hints[name].__name__} ({e})")
+      kind = getattr(hints[name], "__name__", str(hints[name]))
+      raise ValueError(f"--config.{name}={text!r}: not a valid {kind} ({e})")
   return dataclasses.replace(config, **values)
 
 

@@ -6,9 +6,9 @@ One experiment per registered family (``nlj.models.families()`` at import time) 
 * ``small`` -- ~50M parameters, 32k SentencePiece tokens; 2000 steps of 32 × 512 tokens, FSDP
   over every device (``--mesh`` or ``--config.mesh`` picks another layout).
 
-Outputs in the workdir: ``metrics.jsonl``, ``results.json`` (validation loss and perplexity),
-``loss.png``, ``checkpoints/``; rerunning with the same workdir resumes from the newest
-checkpoint.
+Outputs in the workdir: ``metrics.jsonl``, TensorBoard event files, ``results.json``
+(validation loss and perplexity), ``loss.png``, ``checkpoints/``; rerunning with the same
+workdir resumes from the newest checkpoint.
 """
 
 from __future__ import annotations

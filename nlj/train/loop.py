@@ -5,15 +5,27 @@
 1. builds the ``--mesh`` mesh, the preset ``PRESETS[(family, size)]`` and its train state directly
    in its shardings, and restores the newest checkpoint of ``workdir/checkpoints`` if there is
    one (parameters, optimizer state, step, key and the data iterator's position);
-2. runs ``steps`` jitted train steps, with the next batch placed on the devices while the
-   current step runs; metrics stay on the devices and are fetched once every ``log_every``
-   steps (one host sync per log line), appended to ``metrics.jsonl`` as
-   ``{"step", "loss", "lr", "grad_norm", "tokens_per_s"}`` (loss averaged over the interval,
-   tokens/s of the interval, the first including compilation);
+2. runs ``steps`` jitted train steps (compiled once: ``tests/train/test_compiles.py``), with the
+   next batch placed on the devices while the current step runs; metrics stay on the devices
+   and are fetched once every ``log_every`` steps (one host sync per log interval), then
+   appended to ``metrics.jsonl`` as ``{"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu",
+   "memory_bytes"}``, written as TensorBoard scalars ``train/<name>`` to an event file in
+   ``workdir`` (``tensorboard --logdir runs``) and shown on stdout (``nlj.train.progress``: a bar
+   with ETA on a terminal, one line per interval otherwise);
 3. saves a checkpoint every ``checkpoint_every`` steps and at the end (asynchronously);
-4. evaluates ``eval_batches`` validation batches (in stream order) and writes ``results.json``
-   (validation loss and perplexity, last logged train loss, and ``tokens_per_s`` over this
-   invocation's steps, compilation included) and ``loss.png`` when matplotlib is importable.
+4. evaluates ``eval_batches`` validation batches (in stream order), writes ``val/loss`` and
+   ``val/perplexity`` to TensorBoard and ``results.json`` (validation loss and perplexity, last
+   logged train loss, and ``tokens_per_s`` over this invocation's steps, compilation included),
+   and ``loss.png`` when matplotlib is importable.
+
+Metrics of a log interval: ``loss`` averaged over it, ``lr`` and ``grad_norm`` of its last step,
+``tokens_per_s`` its global tokens over its wall time (the first interval includes compilation),
+``mfu`` the model FLOP utilisation ``6 * params * tokens_per_s / (peak_flops * device_count)``
+(the ``6N`` FLOPs per token of a forward and backward pass, embeddings included and attention
+or memory-update FLOPs left out; ``None`` without ``TrainConfig.peak_flops``), and
+``memory_bytes`` the bytes in use on this process's first device (``None`` where the backend
+does not report it, e.g. CPU). A resumed run truncates ``metrics.jsonl`` to its checkpoint and
+marks the restart in a new event file, so TensorBoard drops the older events past it.
 
 Files are written by process 0 only; every process runs the same loop on its slice of the
 batch (``PackedBatches(process_index, process_count)``).
@@ -37,9 +49,11 @@ from jax.sharding import Mesh
 from nlj.data import PackedBatches, get_tokenizer, load_corpus
 from nlj.models import PRESETS, count_params
 from nlj.train.checkpoint import Checkpoints
+from nlj.train.progress import Progress
 from nlj.train.sharding import (create_train_state, jit_eval_step, jit_train_step, make_mesh,
                                 shard_batch)
 from nlj.train.step import adamw_cosine, make_eval_step, make_train_step
+from nlj.train.tensorboard import EventWriter
 
 __all__ = ["TrainConfig", "train", "prefetch"]
 
@@ -65,6 +79,8 @@ class TrainConfig:
     seed: parameter initialisation and data order seed.
     eval_batches: validation batches averaged for the final validation loss.
     log_every: fetch and log metrics every this many steps.
+    peak_flops: peak FLOP/s of one device (e.g. ``989e12`` for an H100's dense bf16) for the
+      logged ``mfu``; None (the default, e.g. on CPU) logs ``mfu`` as null.
   """
 
   family: str = "gated_deltanet"
@@ -83,6 +99,7 @@ class TrainConfig:
   seed: int = 0
   eval_batches: int = 8
   log_every: int = 10
+  peak_flops: float | None = None
 
 
 def _check(config: TrainConfig) -> None:
@@ -95,6 +112,8 @@ def _check(config: TrainConfig) -> None:
     raise ValueError(f"TrainConfig.family={config.family!r}, size={config.size!r}: no such preset; "
                      f"families {sorted({f for f, _ in PRESETS})}, sizes "
                      f"{sorted({s for _, s in PRESETS})}")
+  if config.peak_flops is not None and not config.peak_flops > 0:
+    raise ValueError(f"TrainConfig.peak_flops must be None or positive, got {config.peak_flops!r}")
 
 
 def prefetch(batches: PackedBatches, mesh: Mesh, count: int, size: int = 2
@@ -123,6 +142,12 @@ def _read_metrics(path: str, up_to: int) -> list[dict]:
   with open(path) as f:
     records = [json.loads(line) for line in f if line.strip()]
   return [r for r in records if r["step"] <= up_to]
+
+
+def _memory_bytes() -> int | None:
+  """Bytes in use on this process's first device, or None where the backend does not say."""
+  stats = jax.local_devices()[0].memory_stats()
+  return None if stats is None else stats.get("bytes_in_use")
 
 
 def _plot(records: list[dict], path: str) -> None:
@@ -172,25 +197,32 @@ def train(config: TrainConfig, workdir: str) -> dict:
   if main:
     with open(metrics_path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in records)
+    events, progress = EventWriter(workdir), Progress(config.steps, start)
+    events.restart(start + 1)
   pending, tick, run_start = [], time.perf_counter(), time.perf_counter()
   tokens = config.batch_size * config.seq_len
+  params = count_params(model_config)
   for step, (batch, position) in enumerate(
       prefetch(batches, mesh, max(0, config.steps - start)), start + 1):
     state, metrics = train_step(state, batch)
     pending.append(metrics)
     if step % config.log_every == 0 or step == config.steps:
       fetched, now = jax.device_get(pending), time.perf_counter()
+      tokens_per_s = len(fetched) * tokens / (now - tick)
       record = {"step": step, "loss": float(np.mean([m["loss"] for m in fetched])),
                 "lr": float(fetched[-1]["learning_rate"]),
-                "grad_norm": float(fetched[-1]["grad_norm"]),
-                "tokens_per_s": len(fetched) * tokens / (now - tick)}
+                "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_s": tokens_per_s,
+                "mfu": None if config.peak_flops is None else
+                       6 * params * tokens_per_s / (config.peak_flops * jax.device_count()),
+                "memory_bytes": _memory_bytes()}
       pending, tick = [], now
       records.append(record)
       if main:
         with open(metrics_path, "a") as f:
           f.write(json.dumps(record) + "\n")
-        print(f"step {step:6d}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  grad_norm "
-              f"{record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tokens/s", flush=True)
+        events.scalars(step, {f"train/{k}": v for k, v in record.items()
+                              if k != "step" and v is not None})
+        progress.update(record)
     if step % config.checkpoint_every == 0 or step == config.steps:
       checkpoints.save(state, position)
   trained = max(0, config.steps - start)
@@ -201,7 +233,7 @@ def train(config: TrainConfig, workdir: str) -> dict:
             for _, b in zip(range(config.eval_batches), validation)]
   val_loss = float(np.mean(jax.device_get(losses)))
   checkpoints.close()
-  results = {"family": config.family, "size": config.size, "params": count_params(model_config),
+  results = {"family": config.family, "size": config.size, "params": params,
              "steps": config.steps, "resumed_from_step": start, "mesh": dict(mesh.shape),
              "devices": jax.device_count(), "val_loss": val_loss,
              "val_perplexity": math.exp(val_loss),
@@ -209,6 +241,9 @@ def train(config: TrainConfig, workdir: str) -> dict:
              "tokens_per_s": trained * tokens / seconds if trained else None,
              "config": dataclasses.asdict(config)}
   if main:
+    progress.close()
+    events.scalars(start + trained, {"val/loss": val_loss, "val/perplexity": math.exp(val_loss)})
+    events.close()
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
     _plot(records, os.path.join(workdir, "loss.png"))

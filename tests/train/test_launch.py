@@ -10,6 +10,7 @@ import pytest
 from absl import app
 
 import launch
+from nlj.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,6 +26,14 @@ def test_single_process_skips_distributed_initialize():
 def test_distributed_flags_are_checked(args, message):
   with pytest.raises(app.UsageError, match=message):
     launch.initialize_distributed(*args)
+
+
+def test_config_overrides_of_a_field_that_may_be_none():
+  assert launch.apply_overrides(TrainConfig(), {"peak_flops": "989e12"}).peak_flops == 989e12
+  with_flops = TrainConfig(peak_flops=1.0)
+  assert launch.apply_overrides(with_flops, {"peak_flops": "None"}).peak_flops is None
+  with pytest.raises(ValueError, match=r"--config.peak_flops='fast': not a valid float \| None"):
+    launch.apply_overrides(TrainConfig(), {"peak_flops": "fast"})
 
 
 def test_mesh_flag_reaches_the_run(tmp_path):
