@@ -5,3 +5,5 @@ The folder is named ``kernels/`` in the repository; setup.cfg maps it to the pac
 sub-package (contract and reference, chunked JAX form, Pallas backends, custom VJP, tests,
 benchmark) and registers its backends with :func:`nlj.core.dispatch.register_kernel`.
 """
+
+from nlj_kernels import matrix_memory  # noqa: E402,F401  (registers its kernel)

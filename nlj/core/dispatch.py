@@ -63,6 +63,7 @@ def resolve(level: Level, impl: str) -> Runner:
     return run_reference
   if impl == "chunked":
     return run_chunked
+  import nlj_kernels  # pylint: disable=import-outside-toplevel,unused-import  (registers kernels)
   kernel = _covering(level)
   if impl == "pallas":
     if kernel is None:

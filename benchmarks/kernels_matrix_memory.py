@@ -1,0 +1,260 @@
+"""GPU check and benchmark of the matrix-memory kernel (op 1), with the peers in the same run.
+
+    python benchmarks/kernels_matrix_memory.py --check --bench --out=DIR
+
+``--check``: relative errors ``‖out − ref‖/‖ref‖`` of the Pallas kernel against the token-by-token
+reference (float32, highest matmul precision) for the covered rules, head dims 64/128/256,
+lengths the chunk does not divide and batch 1; gradients against ``jax.vjp`` of the reference;
+bfloat16 inputs; and a poisoned-output run (every element of ``y`` and ``S`` written).
+
+``--bench``: forward and forward+backward milliseconds (median of ``--repeats``) at
+B×T×H×D ∈ {8×2048, 4×4096, 2×8192, 1×16384} × 16 × 128 with bfloat16 inputs, for the kernel
+(Gated DeltaNet semantics and Titans' linear memory with momentum), the chunked JAX form of the
+same level (float32, as ``Level.run`` computes), and jax-linear-attention's Gated DeltaNet
+(Pallas Mosaic GPU and plain JAX) when ``jla`` is importable. Ceilings (bf16 matmul TFLOP/s,
+device copy GB/s) are measured in the same run. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nlj.core import Level, LevelInputs, MatrixMemory, Rule, compositions
+from nlj.core.objectives import L2, DotProduct
+from nlj.core.reference import run_reference
+from nlj_kernels.matrix_memory import OpConfig, matrix_memory, run_level
+from nlj_kernels.matrix_memory import pallas_recurrence
+from nlj_kernels.matrix_memory.prepare import prepare
+from nlj_kernels.matrix_memory.runner import default_interpret
+
+CHECK_CASES = (  # (level, head dim, batch, length): lengths the chunk of 64 does not divide
+    ("gated_deltanet", 64, 1, 200), ("gated_deltanet", 128, 2, 130),
+    ("gated_deltanet", 256, 1, 100), ("deltanet", 128, 1, 150), ("linear_attention", 64, 2, 77),
+    ("dgd_boundary", 64, 1, 200), ("titans_linear", 64, 1, 200), ("titans_linear", 128, 2, 130))
+SHAPES = ((8, 2048, 16, 128), (4, 4096, 16, 128), (2, 8192, 16, 128), (1, 16384, 16, 128))
+CHECK_LEVELS = {
+    "gated_deltanet": lambda d: compositions.gated_deltanet(d, d, 2, 64),
+    "deltanet": lambda d: compositions.deltanet(d, d, 2, 64),
+    "linear_attention": lambda d: Level(MatrixMemory(d, d), DotProduct(), Rule("gd"), 64, "exact",
+                                        "after", 2),
+    "dgd_boundary": lambda d: compositions.dgd_memory(d, d, 2, 64, read="before"),
+    "titans_linear": lambda d: Level(MatrixMemory(d, d), L2(), Rule("gd", momentum=True), 64,
+                                     "boundary", "after", 2),
+}
+
+
+def timed(f, *args, repeats: int) -> float:
+  """Median milliseconds of ``f(*args)`` after a warm-up call."""
+  jax.block_until_ready(f(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def inputs(key, b, t, h, d, dtype=jnp.float32):
+  ks = jax.random.split(key, 6)
+  k = jax.random.normal(ks[0], (b, t, h, d), jnp.float32)
+  k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
+  v = jax.random.normal(ks[1], (b, t, h, d), dtype)
+  q = jax.random.normal(ks[2], (b, t, h, d), dtype)
+  eta = jax.nn.sigmoid(jax.random.normal(ks[3], (b, t, h)))
+  alpha = jax.nn.sigmoid(3.0 + jax.random.normal(ks[4], (b, t, h)))
+  beta = jax.nn.sigmoid(jax.random.normal(ks[5], (b, t, h)))
+  return LevelInputs(k, v, q, eta, alpha, beta)
+
+
+def check(report: dict, cases: list[int]) -> None:
+  key = jax.random.PRNGKey(1)
+  rows = []
+  with jax.default_matmul_precision("highest"):
+    for name, d, b, t in (CHECK_CASES[i] for i in cases):
+      make = CHECK_LEVELS[name]
+      key, k1, k2 = jax.random.split(key, 3)
+      level = make(d)
+      params = Level(MatrixMemory(d, d, init_scale=1.0), heads=2).init(k1)
+      inp = inputs(k2, b, t, 2, d)
+      state = level.init_state(params, b)
+      ref_state, ref_y = jax.jit(lambda s, i: run_reference(level, s, i))(state, inp)
+      got_state, got_y = jax.jit(lambda s, i: run_level(level, s, i))(state, inp)
+      row = {"level": name, "d": d, "b": b, "t": t, "y_rel": rel(got_y, ref_y),
+             "state_rel": rel(got_state.memory["w"], ref_state.memory["w"])}
+      if d == 64:
+        def loss(runner, p, i):
+          s, y = runner(level, level.init_state(p, b), i)
+          return jnp.sum(y * jnp.cos(y)) + jnp.sum(s.memory["w"] ** 2)
+        g_ref = jax.jit(jax.grad(lambda p, i: loss(run_reference, p, i), (0, 1)))(params, inp)
+        g = jax.jit(jax.grad(lambda p, i: loss(run_level, p, i), (0, 1)))(params, inp)
+        row["grad_rel"] = max(rel(a, r) for a, r in zip(jax.tree.leaves(g),
+                                                        jax.tree.leaves(g_ref)))
+      rows.append(row)
+      print("check", row, flush=True)
+    for mom in (False, True):  # bfloat16 inputs through the op; reference on the same values
+      config = OpConfig(64, "boundary" if mom else "exact", "l2", "after", momentum=mom,
+                        grad_at_retained=not mom)
+      level = CHECK_LEVELS["titans_linear" if mom else "gated_deltanet"](128)
+      inp = inputs(jax.random.PRNGKey(7), 2, 256, 2, 128, jnp.bfloat16)
+      s0 = jnp.zeros((2, 2, 128, 128))
+      y, s, _ = jax.jit(lambda i: matrix_memory(config, *i, s0, s0 if mom else None))(inp)
+      up = jax.tree.map(lambda x: x.astype(jnp.float32), inp)
+      zero = level.init_state({"w": jnp.zeros((2, 128, 128))}, 2)
+      ref_state, ref_y = jax.jit(lambda s, i: run_reference(level, s, i))(zero, up)
+      rows.append({"level": f"bf16 {'titans_linear' if mom else 'gated_deltanet'}", "d": 128,
+                   "y_rel": rel(y, ref_y), "state_rel": rel(s, jnp.swapaxes(
+                       ref_state.memory["w"], -1, -2))})
+      print("check", rows[-1], flush=True)
+    config = OpConfig(64, "exact", "l2", "after", grad_at_retained=True)  # poisoned outputs
+    inp = inputs(jax.random.PRNGKey(3), 2, 256, 4, 128)
+    mask = jnp.ones((2, 4, 4, 64))
+    chunked = lambda x: jnp.moveaxis(x.reshape((2, 4, 64) + x.shape[2:]), 3, 1)
+    coeffs = prepare(config, *(chunked(x) for x in inp[:3]), chunked(inp.eta),
+                     chunked(inp.alpha), chunked(inp.beta), mask)
+    fields = tuple(getattr(coeffs, f) for f in pallas_recurrence.CHUNK_FIELDS)
+    s0 = jax.random.normal(jax.random.PRNGKey(4), (2, 4, 128, 128))
+    interpret = default_interpret()
+    clean = pallas_recurrence.forward(fields, s0, None, block_v=64, interpret=interpret)
+    poisoned = pallas_recurrence.forward(fields, s0, None, block_v=64, poison=True,
+                                         interpret=interpret)
+    ok = all(bool(jnp.all(jnp.isfinite(p))) and bool(jnp.all(p == c))
+             for p, c in zip(poisoned[:2], clean[:2]))
+    rows.append({"level": "poisoned outputs all written and equal", "ok": ok})
+    print("check", rows[-1], flush=True)
+  report["check"] = rows
+
+
+def ceilings(report: dict, repeats: int) -> None:
+  a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
+  ms = timed(jax.jit(lambda x, y: x @ y), a, a, repeats=repeats)
+  big = jax.random.normal(jax.random.PRNGKey(1), (1024, 1024, 512), jnp.float32)
+  copy_ms = timed(jax.jit(lambda x: x + 1), big, repeats=repeats)
+  report["ceilings"] = {"bf16_matmul_tflops": 2 * 8192 ** 3 / ms / 1e9,
+                        "copy_gbps": 2 * big.size * 4 / copy_ms / 1e6}
+  print("ceilings", report["ceilings"], flush=True)
+
+
+def op_cost(b, t, h, d, chunk=64):
+  """(FLOPs, bytes) of one forward: stage 1 and 2 products; bf16 q, k, v, y and f32 gates."""
+  per_chunk = 2 * chunk * chunk * (2 * d) + chunk * chunk * 2 * d + 2 * chunk * d * d * 3 \
+      + 2 * chunk * chunk * d
+  flops = b * h * (t // chunk) * per_chunk
+  return flops, b * t * h * (4 * d * 2 + 2 * 4)
+
+
+def bench(report: dict, repeats: int, shapes) -> None:
+  gdn = OpConfig(64, "exact", "l2", "after", grad_at_retained=True)
+  titans = OpConfig(64, "boundary", "l2", "after", momentum=True)
+  try:
+    from jla.ops import linear_attention  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    linear_attention = None
+    report["jla"] = f"not importable: {error}"
+  rows = []
+  for (b, t, h, d) in shapes:
+    inp = inputs(jax.random.PRNGKey(0), b, t, h, d, jnp.bfloat16)
+    dy = jax.random.normal(jax.random.PRNGKey(9), (b, t, h, d), jnp.bfloat16)
+    s0 = jnp.zeros((b, h, d, d))
+    row = {"shape": f"{b}x{t}x{h}x{d}"}
+
+    def ours(config):
+      def fwd(i):
+        return matrix_memory(config, *i, s0, s0 if config.momentum else None)[0]
+      def loss(i):
+        return jnp.sum(fwd(i).astype(jnp.float32) * dy.astype(jnp.float32))
+      return jax.jit(fwd), jax.jit(jax.grad(loss))
+
+    for label, config in (("pallas_gdn", gdn), ("pallas_titans_momentum", titans)):
+      f, g = ours(config)
+      row[f"{label}_fwd_ms"] = timed(f, inp, repeats=repeats)
+      row[f"{label}_fwdbwd_ms"] = timed(g, inp, repeats=repeats)
+    level = compositions.gated_deltanet(d, d, h, 64)
+    state = level.init_state({"w": jnp.zeros((h, d, d))}, b)
+
+    def chunked_fwd(i):
+      return level.run(state, i, impl="chunked", aligned=True)[1]
+    def chunked_loss(i):
+      return jnp.sum(chunked_fwd(i) * dy.astype(jnp.float32))
+    if t in (2048, 16384):  # slow to compile and run: two shapes suffice for the ratio
+      row["chunked_jax_gdn_fwd_ms"] = timed(jax.jit(chunked_fwd), inp, repeats=max(3, repeats // 5))
+      row["chunked_jax_gdn_fwdbwd_ms"] = timed(jax.jit(jax.grad(chunked_loss)), inp,
+                                               repeats=max(3, repeats // 5))
+    if linear_attention is not None:
+      g_log = jnp.log(inp.alpha)
+      for impl in ("mosaic_gpu", "chunked"):
+        try:
+          def jfwd(q, k, v, g_, beta, impl=impl):
+            return linear_attention("gated_deltanet", q, k, v, g=g_, beta=beta, impl=impl)[0]
+          def jloss(q, k, v, g_, beta, jfwd=jfwd):
+            return jnp.sum(jfwd(q, k, v, g_, beta).astype(jnp.float32) * dy.astype(jnp.float32))
+          args = (inp.q, inp.k, inp.v, g_log, inp.eta)
+          row[f"jla_{impl}_fwd_ms"] = timed(jax.jit(jfwd), *args, repeats=repeats)
+          row[f"jla_{impl}_fwdbwd_ms"] = timed(jax.jit(jax.grad(jloss, (0, 1, 2, 3, 4))), *args,
+                                               repeats=repeats)
+        except Exception as error:  # a peer failing must not hide our numbers; recorded
+          row[f"jla_{impl}_error"] = repr(error)[:300]
+    flops, nbytes = op_cost(b, t, h, d)
+    fwd_s = row["pallas_gdn_fwd_ms"] / 1e3
+    row["pallas_gdn_fwd_tflops"] = flops / fwd_s / 1e12
+    row["pallas_gdn_fwd_gbps"] = nbytes / fwd_s / 1e9
+    rows.append(row)
+    print("bench", row, flush=True)
+  report["bench"] = rows
+
+
+def table(report: dict) -> str:
+  cols = ["pallas_gdn", "pallas_titans_momentum", "chunked_jax_gdn", "jla_mosaic_gpu",
+          "jla_chunked"]
+  lines = ["| shape | " + " | ".join(f"{c} fwd / fwd+bwd ms" for c in cols) + " |",
+           "|" + "---|" * (len(cols) + 1)]
+  for row in report.get("bench", []):
+    cells = []
+    for c in cols:
+      f, fb = row.get(f"{c}_fwd_ms"), row.get(f"{c}_fwdbwd_ms")
+      cells.append("-" if f is None else f"{f:.2f} / {fb:.2f}")
+    lines.append(f"| {row['shape']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--check", action="store_true")
+  parser.add_argument("--cases", default=",".join(map(str, range(len(CHECK_CASES)))),
+                      help="indices into CHECK_CASES for --check")
+  parser.add_argument("--shapes", default="0,1,2,3", help="indices into SHAPES for --bench")
+  parser.add_argument("--bench", action="store_true")
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--out", default="benchmarks")
+  args = parser.parse_args()
+  report = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+            "date": time.strftime("%Y-%m-%d")}
+  if args.check:
+    check(report, [int(i) for i in args.cases.split(",")])
+  if args.bench:
+    ceilings(report, args.repeats)
+    bench(report, args.repeats, [SHAPES[int(i)] for i in args.shapes.split(",")])
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "kernels_matrix_memory.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  if args.check:
+    for row in report["check"]:
+      print(" ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in row.items()))
+  print(table(report))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,32 @@
+"""Op 1: the chunked update of per-head matrix memories (linear attention, DeltaNet, Gated
+DeltaNet, Titans' linear memory with momentum, DGD matrix memories).
+
+* contract -- :mod:`.contract` (what is computed, which levels are covered); the token-by-token
+  reference and the chunked JAX form are :func:`nlj.core.reference.run_reference` and
+  :func:`nlj.core.chunked.run_chunked` of the same :class:`nlj.core.Level`;
+* stage 1 -- :mod:`.prepare`: state-free per-chunk coefficients (JAX, all chunks in parallel);
+* stage 2 -- :mod:`.pallas_recurrence`: the recurrence over chunks, forward and backward Pallas
+  kernels (Triton on GPU, ``interpret=True`` elsewhere), joined by the custom VJP in
+  :mod:`.recurrence`;
+* :mod:`.runner` -- the level runner registered as kernel ``"matrix_memory"``, and
+  :func:`matrix_memory`, the op on raw arrays (bfloat16 inputs allowed);
+* ``benchmarks/kernels_matrix_memory.py`` -- timings against the chunked JAX form and the peers.
+"""
+
+import jax
+
+from nlj.core.dispatch import Kernel, register_kernel, registered_kernels
+from nlj_kernels.matrix_memory.contract import OpConfig, op_config, unsupported_reason
+from nlj_kernels.matrix_memory.runner import matrix_memory, run_level
+
+__all__ = ["OpConfig", "op_config", "unsupported_reason", "matrix_memory", "run_level", "KERNEL"]
+
+
+def _applies(level) -> bool:
+  """Covered levels, on GPU (Triton) or CPU (interpret mode); TPU has no backend yet."""
+  return unsupported_reason(level) is None and jax.default_backend() in ("gpu", "cpu")
+
+
+KERNEL = Kernel("matrix_memory", _applies, run_level)
+if all(k.name != KERNEL.name for k in registered_kernels()):
+  register_kernel(KERNEL)

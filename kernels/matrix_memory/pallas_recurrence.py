@@ -1,0 +1,267 @@
+"""Stage 2 of the op: the recurrence over chunks, as Pallas kernels (forward and backward).
+
+One program per ``(batch, head, d_v block)`` carries its slice of the state ``S [d_k, BV]`` (and
+the momentum ``M``) in float32 through a ``fori_loop`` over the chunks, doing only dense
+products per chunk (see :mod:`nlj_kernels.matrix_memory.prepare` for the equations)::
+
+    U = Vu - Kw S ;  y = Qs S + Qm M + P U ;  S' = gs S + mc M + Kdᵀ U ;  M' = gm M + Kmᵀ U
+
+The backward kernel walks the chunks in reverse from the states the forward stored at each chunk
+start, carrying ``dS`` and ``dM``::
+
+    dU = Pᵀ dy + Kd dS' + Km dM'
+    dS = Qsᵀ dy + gs dS' - Kwᵀ dU ;  dM = Qmᵀ dy + mc dS' + gm dM'
+    dVu = dU ; dKw = -dU Sᵀ ; dQs = dy Sᵀ ; dQm = dy Mᵀ ; dP = dy Uᵀ ; dKd = U dS'ᵀ ; dKm = U dM'ᵀ
+
+Gradients with a ``d_k`` or ``C`` column (``dKw, dQs, dKd, dQm, dKm, dP``) are partial sums over
+the program's ``d_v`` block, summed by the caller; the scalars' gradients are contractions of
+the stored states with the ``dS'``/``dM'`` the kernel writes per chunk, also done by the caller.
+
+``interpret=True`` runs the same kernels on any backend (CPU in CI); otherwise they are lowered
+through Triton (``jax.experimental.pallas.triton``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+__all__ = ["forward", "backward", "CHUNK_FIELDS", "MOMENTUM_FIELDS"]
+
+CHUNK_FIELDS = ("kw", "vu", "qs", "p", "kd", "gs")
+MOMENTUM_FIELDS = ("qm", "km", "mc", "gm")
+
+
+def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False,
+         precision=None) -> jax.Array:
+  dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
+  out = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=out)
+
+
+def _precision(dtype) -> jax.lax.Precision:
+  """Full-precision products for float32/64 operands (Triton would use tf32), default otherwise."""
+  wide = dtype in (jnp.float32, jnp.float64)
+  return jax.lax.Precision.HIGHEST if wide else jax.lax.Precision.DEFAULT
+
+
+def _specs(n: int, c: int, dk: int, bv: int, momentum: bool):
+  """BlockSpecs of the chunk fields (grid ``(batch, heads, d_v blocks)``)."""
+  keys = pl.BlockSpec((None, None, n, c, dk), lambda b, h, j: (b, h, 0, 0, 0))
+  vals = pl.BlockSpec((None, None, n, c, bv), lambda b, h, j: (b, h, 0, 0, j))
+  square = pl.BlockSpec((None, None, n, c, c), lambda b, h, j: (b, h, 0, 0, 0))
+  scalar = pl.BlockSpec((None, None, n), lambda b, h, j: (b, h, 0))
+  fields = [keys, vals, keys, square, keys, scalar]
+  if momentum:
+    fields += [keys, keys, scalar, scalar]
+  state = pl.BlockSpec((None, None, dk, bv), lambda b, h, j: (b, h, 0, j))
+  states = pl.BlockSpec((None, None, n, dk, bv), lambda b, h, j: (b, h, 0, 0, j))
+  return fields, vals, state, states
+
+
+def _params(num_warps: int):
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+
+
+def _forward_kernel(*refs, n: int, momentum: bool, save_states: bool, poison: bool):
+  nf = len(CHUNK_FIELDS) + (len(MOMENTUM_FIELDS) if momentum else 0)
+  fields, refs = refs[:nf], refs[nf:]
+  if poison:  # the poisoned buffers aliased to y and s are inputs too; nothing reads them
+    refs = refs[:1 + momentum] + refs[3 + momentum:]
+  kw_ref, vu_ref, qs_ref, p_ref, kd_ref, gs_ref = fields[:6]
+  qm_ref, km_ref, mc_ref, gm_ref = fields[6:] if momentum else (None,) * 4
+  s0_ref, refs = refs[0], refs[1:]
+  m0_ref, refs = (refs[0], refs[1:]) if momentum else (None, refs)
+  y_ref, s_out_ref, refs = refs[0], refs[1], refs[2:]
+  m_out_ref, refs = (refs[0], refs[1:]) if momentum else (None, refs)
+  states_ref, mstates_ref = (refs[0], refs[1] if momentum else None) if save_states else (None,) * 2
+  cdt = kw_ref.dtype
+  prec = _precision(cdt)
+
+  def body(c, carry):
+    s, m = carry
+    if save_states:
+      states_ref[c] = s
+      if momentum:
+        mstates_ref[c] = m
+    s_c = s.astype(cdt)
+    u = vu_ref[c].astype(s.dtype) - _dot(kw_ref[c], s_c, precision=prec)
+    u_c = u.astype(cdt)
+    y = _dot(qs_ref[c], s_c, precision=prec) + _dot(p_ref[c], u_c, precision=prec)
+    s_next = gs_ref[c] * s + _dot(kd_ref[c], u_c, trans_a=True, precision=prec)
+    if momentum:
+      m_c = m.astype(cdt)
+      y = y + _dot(qm_ref[c], m_c, precision=prec)
+      s_next = s_next + mc_ref[c] * m
+      m = gm_ref[c] * m + _dot(km_ref[c], u_c, trans_a=True, precision=prec)
+    y_ref[c] = y.astype(y_ref.dtype)
+    return s_next, m
+
+  m0 = m0_ref[...] if momentum else jnp.zeros((), s0_ref.dtype)
+  s, m = jax.lax.fori_loop(0, n, body, (s0_ref[...], m0))
+  s_out_ref[...] = s
+  if momentum:
+    m_out_ref[...] = m
+
+
+def _grid(coeffs: Sequence[jax.Array], s0: jax.Array, block_v: int):
+  batch, heads, n, c, dk = coeffs[0].shape
+  dv = s0.shape[-1]
+  if dv % block_v:
+    raise ValueError(f"block_v={block_v} must divide d_v={dv}")
+  return (batch, heads, n, c, dk, dv), (batch, heads, dv // block_v)
+
+
+@functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "save_states", "interpret",
+                                             "poison"))
+def forward(coeffs: tuple, s0: jax.Array, m0: jax.Array | None, *, block_v: int,
+            num_warps: int = 4, save_states: bool = False, interpret: bool = False,
+            poison: bool = False):
+  """Run the recurrence over all chunks.
+
+  Args:
+    coeffs: the chunk fields in :data:`CHUNK_FIELDS` (+ :data:`MOMENTUM_FIELDS`) order,
+      ``[B, H, N, C, ·]`` (scalars ``[B, H, N]``).
+    s0, m0: initial state and momentum ``[B, H, d_k, d_v]`` in float32 (float64 for tests; the
+      kernels accumulate in this dtype), m0 None without momentum.
+    block_v: ``d_v`` columns per program.
+    save_states: also return the state (and momentum) at each chunk start, for the backward.
+    poison: write ``y`` and ``s`` into NaN-filled buffers (a check that every element is
+      written; the GPU check uses it).
+
+  Returns:
+    ``(y [B, H, N, C, d_v], s [B, H, d_k, d_v], m or None, states or None, mstates or None)``.
+  """
+  momentum = m0 is not None
+  (batch, heads, n, c, dk, dv), grid = _grid(coeffs, s0, block_v)
+  fields, vals, state, states = _specs(n, c, dk, block_v, momentum)
+  in_specs = fields + [state] + ([state] if momentum else [])
+  f32 = s0.dtype
+  out_shape = [jax.ShapeDtypeStruct((batch, heads, n, c, dv), coeffs[1].dtype),
+               jax.ShapeDtypeStruct(s0.shape, f32)]
+  out_specs = [vals, state]
+  if momentum:
+    out_shape.append(jax.ShapeDtypeStruct(s0.shape, f32))
+    out_specs.append(state)
+  if save_states:
+    for _ in range(2 if momentum else 1):
+      out_shape.append(jax.ShapeDtypeStruct((batch, heads, n, dk, dv), f32))
+      out_specs.append(states)
+  kernel = functools.partial(_forward_kernel, n=n, momentum=momentum, save_states=save_states,
+                              poison=poison)
+  args = list(coeffs) + [s0] + ([m0] if momentum else [])
+  aliases = {}
+  if poison:
+    aliases = {len(args): 0, len(args) + 1: 1}
+    args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape[:2]]
+    in_specs = in_specs + out_specs[:2]
+  outs = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
+                        out_specs=out_specs, compiler_params=_params(num_warps),
+                        input_output_aliases=aliases, interpret=interpret,
+                        name="matrix_memory_fwd")(*args)
+  outs = list(outs)
+  y, s = outs.pop(0), outs.pop(0)
+  m = outs.pop(0) if momentum else None
+  saved = outs.pop(0) if save_states else None
+  msaved = outs.pop(0) if save_states and momentum else None
+  return y, s, m, saved, msaved
+
+
+def _backward_kernel(*refs, n: int, momentum: bool):
+  nf = len(CHUNK_FIELDS) + (len(MOMENTUM_FIELDS) if momentum else 0)
+  fields, refs = refs[:nf], refs[nf:]
+  kw_ref, vu_ref, qs_ref, p_ref, kd_ref, gs_ref = fields[:6]
+  qm_ref, km_ref, mc_ref, gm_ref = fields[6:] if momentum else (None,) * 4
+  nin = 3 + (2 if momentum else 0)
+  ins, outs = refs[:nin], refs[nin:]
+  states_ref, dy_ref, ds_end_ref = ins[:3]
+  mstates_ref, dm_end_ref = (ins[3], ins[4]) if momentum else (None, None)
+  dvu_ref, dkw_ref, dqs_ref, dp_ref, dkd_ref, ds_next_ref, ds0_ref = outs[:7]
+  dqm_ref, dkm_ref, dm_next_ref, dm0_ref = outs[7:] if momentum else (None,) * 4
+  cdt = kw_ref.dtype
+  prec = _precision(cdt)
+
+  def body(i, carry):
+    c = n - 1 - i
+    ds, dm = carry  # cotangents of the state after chunk c
+    s = states_ref[c]
+    s_c = s.astype(cdt)
+    kw, kd, qs, p = kw_ref[c], kd_ref[c], qs_ref[c], p_ref[c]
+    dy = dy_ref[c]
+    u = vu_ref[c].astype(s.dtype) - _dot(kw, s_c, precision=prec)
+    u_c = u.astype(cdt)
+    ds_c = ds.astype(cdt)
+    du = _dot(p, dy, trans_a=True, precision=prec) + _dot(kd, ds_c, precision=prec)
+    ds_next_ref[c] = ds
+    dkd_ref[c] = _dot(u_c, ds_c, trans_b=True, precision=prec)
+    ds_prev = _dot(qs, dy, trans_a=True, precision=prec) + gs_ref[c] * ds
+    if momentum:
+      m = mstates_ref[c]
+      m_c, dm_c = m.astype(cdt), dm.astype(cdt)
+      du = du + _dot(km_ref[c], dm_c, precision=prec)
+      dm_next_ref[c] = dm
+      dqm_ref[c] = _dot(dy, m_c, trans_b=True, precision=prec)
+      dkm_ref[c] = _dot(u_c, dm_c, trans_b=True, precision=prec)
+      dm = _dot(qm_ref[c], dy, trans_a=True, precision=prec) + mc_ref[c] * ds + gm_ref[c] * dm
+    du_c = du.astype(cdt)
+    dvu_ref[c] = du.astype(dvu_ref.dtype)
+    dkw_ref[c] = -_dot(du_c, s_c, trans_b=True, precision=prec)
+    dqs_ref[c] = _dot(dy, s_c, trans_b=True, precision=prec)
+    dp_ref[c] = _dot(dy, u_c, trans_b=True, precision=prec)
+    ds_prev = ds_prev - _dot(kw, du_c, trans_a=True, precision=prec)
+    return ds_prev, dm
+
+  dm_end = dm_end_ref[...] if momentum else jnp.zeros((), ds_end_ref.dtype)
+  ds, dm = jax.lax.fori_loop(0, n, body, (ds_end_ref[...], dm_end))
+  ds0_ref[...] = ds
+  if momentum:
+    dm0_ref[...] = dm
+
+
+@functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "interpret"))
+def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: jax.Array,
+             ds_end: jax.Array, dm_end: jax.Array | None, *, block_v: int, num_warps: int = 4,
+             interpret: bool = False):
+  """Cotangents of :func:`forward` (see the module docstring).
+
+  Args:
+    coeffs: as for :func:`forward`.
+    states, mstates: the chunk-start states from ``forward(save_states=True)``.
+    dy: ``[B, H, N, C, d_v]`` (in the chunk fields' dtype); ds_end, dm_end: ``[B, H, d_k, d_v]``.
+
+  Returns:
+    a dict with ``vu`` and the partial sums (leading ``[d_v blocks]``) ``kw, qs, p, kd`` (and
+    ``qm, km``), ``s_next``/``m_next`` (``dS'``/``dM'`` per chunk, ``[B, H, N, d_k, d_v]``), and
+    ``s0``/``m0`` (cotangents of the initial state and momentum).
+  """
+  momentum = mstates is not None
+  (batch, heads, n, c, dk, dv), grid = _grid(coeffs, ds_end, block_v)
+  nv = grid[-1]
+  fields, vals, state, states_spec = _specs(n, c, dk, block_v, momentum)
+  in_specs = fields + [states_spec, vals, state] + ([states_spec, state] if momentum else [])
+  f32 = ds_end.dtype
+  part_keys = pl.BlockSpec((None, None, None, n, c, dk), lambda b, h, j: (j, b, h, 0, 0, 0))
+  part_square = pl.BlockSpec((None, None, None, n, c, c), lambda b, h, j: (j, b, h, 0, 0, 0))
+  keys_shape = jax.ShapeDtypeStruct((nv, batch, heads, n, c, dk), f32)
+  states_shape = jax.ShapeDtypeStruct((batch, heads, n, dk, dv), f32)
+  out_shape = [jax.ShapeDtypeStruct((batch, heads, n, c, dv), f32), keys_shape, keys_shape,
+               jax.ShapeDtypeStruct((nv, batch, heads, n, c, c), f32), keys_shape, states_shape,
+               jax.ShapeDtypeStruct(ds_end.shape, f32)]
+  out_specs = [vals, part_keys, part_keys, part_square, part_keys, states_spec, state]
+  if momentum:
+    out_shape += [keys_shape, keys_shape, states_shape, jax.ShapeDtypeStruct(ds_end.shape, f32)]
+    out_specs += [part_keys, part_keys, states_spec, state]
+  kernel = functools.partial(_backward_kernel, n=n, momentum=momentum)
+  args = list(coeffs) + [states, dy, ds_end] + ([mstates, dm_end] if momentum else [])
+  outs = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
+                        out_specs=out_specs, compiler_params=_params(num_warps),
+                        interpret=interpret, name="matrix_memory_bwd")(*args)
+  names = ["vu", "kw", "qs", "p", "kd", "s_next", "s0"]
+  if momentum:
+    names += ["qm", "km", "m_next", "m0"]
+  return dict(zip(names, outs))

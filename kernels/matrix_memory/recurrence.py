@@ -1,0 +1,57 @@
+"""The stage-2 recurrence with its custom VJP (a backward Pallas kernel, never autodiff through
+``pallas_call``)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from nlj_kernels.matrix_memory import pallas_recurrence as kernels
+
+__all__ = ["chunk_recurrence"]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def chunk_recurrence(coeffs: tuple, s0: jax.Array, m0: jax.Array | None, block_v: int,
+                     num_warps: int, interpret: bool):
+  """``(y, s, m)`` of :func:`nlj_kernels.matrix_memory.pallas_recurrence.forward`, differentiable.
+
+  Args:
+    coeffs: chunk fields (``CHUNK_FIELDS`` + ``MOMENTUM_FIELDS`` order), ``[B, H, N, C, ·]``.
+    s0, m0: ``[B, H, d_k, d_v]`` float32 (m0 None without momentum).
+    block_v, num_warps, interpret: kernel launch options.
+  """
+  y, s, m, _, _ = kernels.forward(coeffs, s0, m0, block_v=block_v, num_warps=num_warps,
+                                  interpret=interpret)
+  return y, s, m
+
+
+def _fwd(coeffs, s0, m0, block_v, num_warps, interpret):
+  y, s, m, states, mstates = kernels.forward(coeffs, s0, m0, block_v=block_v,
+                                             num_warps=num_warps, save_states=True,
+                                             interpret=interpret)
+  return (y, s, m), (coeffs, states, mstates)
+
+
+def _bwd(block_v, num_warps, interpret, residuals, cotangents):
+  coeffs, states, mstates = residuals
+  dy, ds, dm = cotangents
+  momentum = mstates is not None
+  grads = kernels.backward(coeffs, states, mstates, dy.astype(coeffs[1].dtype), ds,
+                           dm if momentum else None, block_v=block_v, num_warps=num_warps,
+                           interpret=interpret)
+  contract = lambda a, b: jnp.einsum("bhnkv,bhnkv->bhn", a, b)
+  d = {"kw": grads["kw"].sum(0), "vu": grads["vu"], "qs": grads["qs"].sum(0),
+       "p": grads["p"].sum(0), "kd": grads["kd"].sum(0),
+       "gs": contract(states, grads["s_next"])}
+  if momentum:
+    d.update(qm=grads["qm"].sum(0), km=grads["km"].sum(0),
+             mc=contract(mstates, grads["s_next"]), gm=contract(mstates, grads["m_next"]))
+  names = kernels.CHUNK_FIELDS + (kernels.MOMENTUM_FIELDS if momentum else ())
+  dcoeffs = tuple(d[name].astype(x.dtype) for name, x in zip(names, coeffs))
+  return dcoeffs, grads["s0"], grads["m0"] if momentum else None
+
+
+chunk_recurrence.defvjp(_fwd, _bwd)

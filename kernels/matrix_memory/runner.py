@@ -1,0 +1,178 @@
+"""The matrix-memory op as a :class:`nlj.core.Level` runner (``impl="pallas"``).
+
+Stage 1 (:mod:`nlj_kernels.matrix_memory.prepare`, JAX) computes every chunk's state-free
+coefficients in parallel; stage 2 (:mod:`nlj_kernels.matrix_memory.recurrence`, Pallas) carries the
+state across chunks. The runner adds what a level's state needs on top: the sequence is shifted
+by the state's ``phase`` and padded to whole chunks with masked no-op tokens, the first chunk
+takes its gradients at the carried anchor, and the anchor after the call is the state at the
+last complete chunk boundary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from nlj.core.level import Level, LevelInputs, LevelState
+from nlj_kernels.matrix_memory import pallas_recurrence
+from nlj_kernels.matrix_memory.contract import OpConfig, op_config
+from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, prepare
+from nlj_kernels.matrix_memory.recurrence import chunk_recurrence
+
+__all__ = ["run_level", "matrix_memory", "default_interpret"]
+
+
+def default_interpret() -> bool:
+  """Interpret the kernels (any backend) unless JAX runs on a GPU, where Triton compiles them."""
+  return jax.default_backend() != "gpu"
+
+
+def _block_v(d_v: int, block_v: int | None) -> int:
+  block = block_v or min(d_v, 64)
+  if d_v % block:
+    raise ValueError(f"block_v={block} must divide d_v={d_v}")
+  return block
+
+
+def _kernel_fields(coeffs: ChunkCoefficients, dtype) -> tuple:
+  """Stage-2 operands: matrices in the inputs' dtype, scalars in float32."""
+  names = pallas_recurrence.CHUNK_FIELDS
+  if coeffs.qm is not None:
+    names = names + pallas_recurrence.MOMENTUM_FIELDS
+  arrays = [getattr(coeffs, name) for name in names]
+  return tuple(x if x.ndim == 3 else x.astype(dtype) for x in arrays)
+
+
+def _recur(coeffs: ChunkCoefficients, s0, m0, dtype, block_v, num_warps, interpret):
+  fields = _kernel_fields(coeffs, dtype)
+  return chunk_recurrence(fields, s0, m0, block_v, num_warps, interpret)
+
+
+def _chunk_slice(coeffs: ChunkCoefficients, start: int, stop: int) -> ChunkCoefficients:
+  return jax.tree.map(lambda x: x[:, :, start:stop], coeffs)
+
+
+def _to_chunks(x: jax.Array, n: int, size: int, phase, fill: float) -> jax.Array:
+  """``[B, T, H, ...] -> [B, H, n, size, ...]``, shifted right by ``phase``, padded with ``fill``."""
+  b = x.shape[0]
+  padded = jnp.full((b, n * size) + x.shape[2:], fill, x.dtype)
+  padded = jax.lax.dynamic_update_slice_in_dim(padded, x, phase, axis=1)
+  padded = padded.reshape((b, n, size) + x.shape[2:])
+  return jnp.moveaxis(padded, 3, 1)
+
+
+def _from_chunks(y: jax.Array, phase, t: int) -> jax.Array:
+  """``[B, H, n, size, d] -> [B, T, H, d]`` (undoing :func:`_to_chunks`)."""
+  b, h, n, size, d = y.shape
+  y = jnp.moveaxis(y, 1, 3).reshape(b, n * size, h, d)
+  return jax.lax.dynamic_slice_in_dim(y, phase, t, axis=1)
+
+
+def _run_unaligned(recur, coeffs: ChunkCoefficients, s0, anchor0, m0, phase, t: int, size: int):
+  """The recurrence over ``n`` chunks when the last complete chunk boundary is not static.
+
+  With ``n = ceil((t + C - 1) / C)`` chunks for any phase, the last chunk holding a real token is
+  ``n - 1`` or ``n - 2``; its starting state is the anchor unless the sequence ends on a
+  boundary. So the chunks run as up to three launches, keeping the states at the starts of the
+  last two chunks.
+  """
+  n = coeffs.gs.shape[2]
+  bounds = sorted({0, max(n - 2, 0), n - 1, n})
+  starts, ys, s, m = {}, [], s0, m0
+  for start, stop in zip(bounds[:-1], bounds[1:]):
+    starts[start] = s
+    y, s, m = recur(_chunk_slice(coeffs, start, stop), s, m)
+    ys.append(y)
+  start_anchor = lambda j: anchor0 if j == 0 else starts[j]
+  last = (phase + t + size - 1) // size - 1  # the last chunk with a real token
+  partial = start_anchor(n - 1) if n == 1 else jnp.where(
+      last == n - 1, start_anchor(n - 1), start_anchor(n - 2))
+  anchor = jnp.where((phase + t) % size == 0, s, partial)
+  return jnp.concatenate(ys, axis=2), s, m, anchor
+
+
+def _run(config: OpConfig, k, v, q, eta, alpha, beta, s0, anchor0, m0, phase, aligned: bool,
+         block_v, num_warps, interpret):
+  """Shared body of :func:`matrix_memory` and :func:`run_level` (shapes as there)."""
+  size = config.chunk
+  t = k.shape[1]
+  if aligned:
+    n, phase = t // size, 0
+  else:
+    n = -(-(t + size - 1) // size)
+  chunk = lambda x, fill=0.0: _to_chunks(x, n, size, phase, fill)
+  ones = jnp.ones(k.shape[:3], jnp.float32)
+  mask = chunk(ones)
+  q_in = q if q is not None else jnp.zeros_like(k)
+  coeffs = prepare(config, chunk(k), chunk(v), chunk(q_in), chunk(eta), chunk(alpha, 1.0),
+                   chunk(beta, 1.0), mask)
+  f32 = jnp.promote_types(s0.dtype, jnp.float32)
+  s0, anchor0 = s0.astype(f32), anchor0.astype(f32)
+  m0 = None if m0 is None else m0.astype(f32)
+  offset = s0 - anchor0  # nonzero only inside a chunk begun by an earlier call
+  if coeffs.ka is not None and not aligned:
+    first = coeffs.vu[:, :, 0] + jnp.matmul(coeffs.ka[:, :, 0], offset,
+                                           precision=jax.lax.Precision.HIGHEST)
+    coeffs = coeffs._replace(vu=coeffs.vu.at[:, :, 0].set(first))
+  dtype = k.dtype
+  block = _block_v(v.shape[-1], block_v)
+  recur = lambda cf, s, m: _recur(cf, s, m, dtype, block, num_warps, interpret)
+  if aligned:
+    y, s, m = recur(coeffs, s0, m0)
+    anchor = s
+  else:
+    y, s, m, anchor = _run_unaligned(recur, coeffs, s0, anchor0, m0, phase, t, size)
+  if config.read == "boundary" and not aligned:
+    correction = -jnp.matmul(coeffs.qs[:, :, 0], offset, precision=jax.lax.Precision.HIGHEST)
+    y = y.at[:, :, 0].add(correction.astype(y.dtype))
+  return _from_chunks(y, phase, t), s, m, anchor
+
+
+def matrix_memory(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array | None,
+                  eta: jax.Array, alpha: jax.Array, beta: jax.Array, s0: jax.Array,
+                  m0: jax.Array | None = None, *, block_v: int | None = None,
+                  num_warps: int = 4, interpret: bool | None = None):
+  """The op on whole chunks from a chunk boundary (``T % chunk == 0``), in any input dtype.
+
+  Args:
+    config: the op (:class:`nlj_kernels.matrix_memory.OpConfig`).
+    k, q: ``[B, T, H, d_k]``; v: ``[B, T, H, d_v]`` (float32 or bfloat16); q may be None.
+    eta, alpha, beta: ``[B, T, H]``.
+    s0: initial state ``S = Wᵀ [B, H, d_k, d_v]``; m0: momentum (with ``config.momentum``).
+    block_v: ``d_v`` columns per program (default ``min(d_v, 64)``).
+    num_warps: Triton warps per program.
+    interpret: run the kernels in interpret mode (default: unless on a GPU).
+
+  Returns:
+    ``(y [B, T, H, d_v] in v's dtype or None, s [B, H, d_k, d_v] float32, m or None)``.
+  """
+  if k.shape[1] % config.chunk:
+    raise ValueError(f"matrix_memory needs T % chunk == 0, got T={k.shape[1]}, "
+                     f"chunk={config.chunk}; Level.run handles any length")
+  if (m0 is None) == config.momentum:
+    raise ValueError("m0 must be given exactly when config.momentum is True")
+  interpret = default_interpret() if interpret is None else interpret
+  y, s, m, _ = _run(config, k, v, q, eta, alpha, beta, s0, s0, m0, 0, True, block_v, num_warps,
+                    interpret)
+  return (y if q is not None else None), s, m
+
+
+def run_level(level: Level, state: LevelState, inputs: LevelInputs, aligned: bool = False,
+              *, block_v: int | None = None, num_warps: int = 4,
+              interpret: bool | None = None) -> tuple[LevelState, jax.Array | None]:
+  """A :data:`nlj.core.dispatch.Runner` for levels the op covers (same results as
+  :func:`nlj.core.chunked.run_chunked`)."""
+  config = op_config(level)
+  interpret = default_interpret() if interpret is None else interpret
+  transpose = lambda w: jnp.swapaxes(w, -1, -2)
+  s0, anchor0 = transpose(state.memory["w"]), transpose(state.anchor["w"])
+  m0 = transpose(state.momentum["w"]) if config.momentum else None
+  y, s, m, anchor = _run(config, inputs.k, inputs.v, inputs.q, inputs.eta, inputs.alpha,
+                         inputs.beta, s0, anchor0, m0, state.phase, aligned, block_v, num_warps,
+                         interpret)
+  dtype = state.memory["w"].dtype
+  back = lambda x: {"w": transpose(x).astype(dtype)}
+  t = inputs.k.shape[1]
+  new_state = LevelState(back(s), back(m) if config.momentum else None, back(anchor),
+                         jnp.asarray((state.phase + t) % level.chunk, jnp.int32))
+  return new_state, (y.astype(dtype) if inputs.q is not None else None)

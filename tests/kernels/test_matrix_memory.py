@@ -1,0 +1,234 @@
+"""The matrix-memory kernel (op 1) against the token-by-token reference, in interpret mode.
+
+Every covered rule/semantics/read is checked for outputs, states (memory, momentum, anchor,
+phase), streaming in pieces of any length, gradients (against ``jax.grad`` of the reference and
+numerically), bfloat16 inputs, unwritten outputs (poisoned buffers), the dispatcher, and that the
+forward and backward kernels lower to Triton for a Hopper GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from nlj.core import Level, MatrixMemory, MLPMemory, Rule, compositions
+from nlj.core.objectives import L2, DotProduct, Huber
+from nlj.core.reference import run_reference
+from nlj_kernels.matrix_memory import OpConfig, matrix_memory, run_level, unsupported_reason
+from nlj_kernels.matrix_memory import pallas_recurrence
+from nlj_kernels.matrix_memory.prepare import prepare
+from tests.core.helpers import max_diff, random_inputs, slice_inputs
+
+# (objective, rule, semantics, read): every combination the kernel covers, by family
+COVERED = {
+    "linear_attention": (DotProduct(), Rule("gd"), "exact", "after"),
+    "deltanet_before": (L2(), Rule("gd"), "exact", "before"),
+    "gated_deltanet": (L2(), Rule("gd", grad_at_retained=True), "exact", "after"),
+    "dgd_exact_boundary_read": (L2(), Rule("dgd", dgd_variant="plain"), "exact", "boundary"),
+    "dgd_normalized": (L2(), Rule("dgd"), "boundary", "after"),
+    "dgd_neurips_before": (L2(), Rule("dgd", dgd_variant="neurips"), "boundary", "before"),
+    "gd_boundary_read": (L2(), Rule("gd"), "boundary", "boundary"),
+    "hebbian_boundary": (DotProduct(), Rule("dgd"), "boundary", "after"),
+    "titans_momentum": (L2(), Rule("gd", momentum=True), "boundary", "after"),
+    "titans_momentum_before": (L2(), Rule("gd", momentum=True), "boundary", "before"),
+    "titans_momentum_boundary_read": (L2(), Rule("gd", momentum=True), "boundary", "boundary"),
+}
+
+
+def make_level(name: str, d_in: int = 16, d_out: int = 32, chunk: int = 16, heads: int = 2):
+  objective, rule, semantics, read = COVERED[name]
+  return Level(MatrixMemory(d_in, d_out, init_scale=1.0), objective, rule, chunk, semantics, read,
+               heads)
+
+
+def random_state(level: Level, batch: int, seed: int = 1):
+  params = level.init(jax.random.PRNGKey(seed), jnp.float64)
+  return params, level.init_state(params, batch)
+
+
+def assert_states_close(got, want, tol):
+  assert int(got.phase) == int(want.phase)
+  assert max_diff((got.memory, got.momentum, got.anchor),
+                  (want.memory, want.momentum, want.anchor)) < tol
+
+
+@pytest.mark.parametrize("name", sorted(COVERED))
+def test_equals_reference_streaming_in_pieces(name):
+  with jax.enable_x64(True):
+    level = make_level(name)
+    inputs = random_inputs(level, batch=2, seq=45, seed=sorted(COVERED).index(name))
+    _, state = random_state(level, 2)
+    want_state, want_y = run_reference(level, state, inputs)
+    got, ys = state, []
+    for start, stop in ((0, 5), (5, 37), (37, 38), (38, 45)):  # phases 0, 5, 5, 6
+      got, y = run_level(level, got, slice_inputs(inputs, start, stop), interpret=True)
+      ys.append(y)
+    assert max_diff(jnp.concatenate(ys, 1), want_y) < 1e-10
+    assert_states_close(got, want_state, 1e-10)
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "titans_momentum", "dgd_normalized"])
+@pytest.mark.parametrize("d_in,d_out,batch,seq", [(32, 16, 1, 64), (16, 64, 3, 48)])
+def test_aligned_equals_reference(name, d_in, d_out, batch, seq):
+  with jax.enable_x64(True):
+    level = make_level(name, d_in, d_out)
+    inputs = random_inputs(level, batch, seq, seed=3)
+    _, state = random_state(level, batch)
+    want_state, want_y = run_reference(level, state, inputs)
+    got_state, got_y = run_level(level, state, inputs, aligned=True, interpret=True, block_v=16)
+    assert max_diff(got_y, want_y) < 1e-10
+    assert_states_close(got_state, want_state, 1e-10)
+
+
+def test_alpha_zero_resets_and_unread_levels():
+  with jax.enable_x64(True):
+    level = make_level("gated_deltanet")
+    inputs = random_inputs(level, 1, 40, seed=5)
+    inputs = inputs._replace(alpha=inputs.alpha.at[:, 7].set(0.0).at[:, 20].set(0.0))
+    _, state = random_state(level, 1)
+    want_state, want_y = run_reference(level, state, inputs)
+    got_state, got_y = run_level(level, state, inputs, interpret=True)
+    assert max_diff(got_y, want_y) < 1e-10
+    assert_states_close(got_state, want_state, 1e-10)
+    written_only, _ = run_level(level, state, inputs._replace(q=None), interpret=True)
+    assert_states_close(written_only, want_state, 1e-10)
+
+
+def _loss(level, runner, params, inputs, batch):
+  state, y = runner(level, level.init_state(params, batch), inputs)
+  weights = jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)
+  extra = 0.0 if state.momentum is None else jnp.sum(jnp.sin(state.momentum["w"]))
+  return jnp.sum(y * weights) + jnp.sum(state.memory["w"] ** 2) + extra
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "titans_momentum_before", "dgd_normalized",
+                                  "gd_boundary_read"])
+def test_gradients_equal_reference(name):
+  with jax.enable_x64(True):
+    level = make_level(name)
+    inputs = random_inputs(level, 2, 37, seed=7)
+    params, _ = random_state(level, 2)
+    grad = lambda runner: jax.grad(lambda p, i: _loss(level, runner, p, i, 2), (0, 1))(
+        params, inputs)
+    kernel = lambda *a: run_level(*a, interpret=True)
+    assert max_diff(grad(kernel), grad(run_reference)) < 1e-9
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+def test_check_grads_through_the_kernels(momentum):
+  with jax.enable_x64(True):
+    config = OpConfig(16, "boundary" if momentum else "exact", "l2", "after",
+                      momentum=momentum, grad_at_retained=not momentum)
+    level = make_level("titans_momentum" if momentum else "gated_deltanet", 16, 16, heads=1)
+    inputs = random_inputs(level, 1, 32, seed=11)
+    s0 = 0.3 * jax.random.normal(jax.random.PRNGKey(2), (1, 1, 16, 16), jnp.float64)
+
+    def f(k, v, q, eta, alpha, s0):
+      y, s, m = matrix_memory(config, k, v, q, eta, alpha, inputs.beta, s0,
+                              s0 if momentum else None, interpret=True, block_v=16)
+      return jnp.sum(y ** 2) + jnp.sum(s * s0) + (0.0 if m is None else jnp.sum(m))
+
+    check_grads(f, (inputs.k, inputs.v, inputs.q, inputs.eta, inputs.alpha, s0), order=1,
+                modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+def test_bfloat16_inputs_relative_error(momentum):
+  config = OpConfig(16, "boundary" if momentum else "exact", "l2", "after", momentum=momentum,
+                    grad_at_retained=not momentum)
+  level = make_level("titans_momentum" if momentum else "gated_deltanet", 32, 32)
+  inputs = random_inputs(level, 2, 64, seed=13, dtype=jnp.float32)
+  low = inputs._replace(k=inputs.k.astype(jnp.bfloat16), v=inputs.v.astype(jnp.bfloat16),
+                        q=inputs.q.astype(jnp.bfloat16))
+  s0 = jnp.zeros((2, 2, 32, 32))
+  y, s, _ = matrix_memory(config, *low, s0, s0 if momentum else None, interpret=True)
+  assert y.dtype == jnp.bfloat16
+  up = jax.tree.map(lambda x: x.astype(jnp.float32), low)
+  with jax.default_matmul_precision("highest"):
+    want_state, want_y = run_reference(level, level.init_state({"w": jnp.zeros((2, 32, 32))}, 2),
+                                       up)
+  rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+  assert rel(y, want_y) < 1e-2
+  assert rel(s, jnp.swapaxes(want_state.memory["w"], -1, -2)) < 1e-2
+
+
+def test_every_output_element_is_written():
+  config = OpConfig(16, "exact", "l2", "after", grad_at_retained=True)
+  level = make_level("gated_deltanet", 16, 32)
+  inputs = random_inputs(level, 2, 48, seed=17, dtype=jnp.float32)
+  to_chunks = lambda x: jnp.moveaxis(x.reshape((2, 3, 16) + x.shape[2:]), 3, 1)
+  coeffs = prepare(config, *(to_chunks(x) for x in inputs), jnp.ones((2, 2, 3, 16)))
+  fields = tuple(getattr(coeffs, f) for f in pallas_recurrence.CHUNK_FIELDS)
+  s0 = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 16, 32))
+  clean = pallas_recurrence.forward(fields, s0, None, block_v=16, interpret=True)
+  poisoned = pallas_recurrence.forward(fields, s0, None, block_v=16, poison=True, interpret=True)
+  for got, want in zip(poisoned[:2], clean[:2]):
+    assert bool(jnp.all(jnp.isfinite(got)))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_dispatcher_takes_the_kernel_for_covered_levels():
+  with jax.enable_x64(True):
+    level = compositions.gated_deltanet(16, 16, heads=2, chunk=16)
+    inputs = random_inputs(level, 1, 20, seed=19)
+    state = level.init_state(level.init(jax.random.PRNGKey(0), jnp.float64), 1)
+    _, y_pallas = level.run(state, inputs, impl="pallas")
+    _, y_chunked = level.run(state, inputs, impl="chunked")
+    assert max_diff(y_pallas, y_chunked) < 1e-10
+    mlp = compositions.titans_memory(16, 32, heads=2, chunk=16)
+    with pytest.raises(ValueError, match="no registered kernel covers memory=MLPMemory"):
+      mlp.run(mlp.init_state(mlp.init(jax.random.PRNGKey(0)), 1), inputs, impl="pallas")
+
+
+@pytest.mark.parametrize("level,reason", [
+    (Level(MLPMemory(16, 16, 16), L2(), Rule("gd"), 16), "not MatrixMemory"),
+    (Level(MatrixMemory(16, 16), Huber(), Rule("gd"), 16), "objective 'huber'"),
+    (Level(MatrixMemory(16, 16), L2(), Rule("gd", orthogonalize=True), 16), "Newton-Schulz"),
+    (Level(MatrixMemory(16, 16), L2(), Rule("dgd", momentum=True), 16, "boundary"), "momentum"),
+    (Level(MatrixMemory(16, 16), L2(), Rule("gd", momentum=True), 16, "exact"), "momentum"),
+    (Level(MatrixMemory(24, 16), L2(), Rule("gd"), 16), "d_in=24"),
+    (Level(MatrixMemory(16, 16), L2(), Rule("gd"), 8), "chunk=8"),
+])
+def test_uncovered_levels_are_named(level, reason):
+  assert reason in unsupported_reason(level)
+
+
+def test_op_errors_name_the_field():
+  config = OpConfig(16, "exact", "l2", "after")
+  x = jnp.zeros((1, 20, 1, 16))
+  g = jnp.ones((1, 20, 1))
+  with pytest.raises(ValueError, match="T % chunk == 0"):
+    matrix_memory(config, x, x, x, g, g, g, jnp.zeros((1, 1, 16, 16)), interpret=True)
+  with pytest.raises(ValueError, match="m0 must be given exactly when config.momentum"):
+    matrix_memory(config, x[:, :16], x[:, :16], x[:, :16], g[:, :16], g[:, :16], g[:, :16],
+                  jnp.zeros((1, 1, 16, 16)), jnp.zeros((1, 1, 16, 16)), interpret=True)
+  with pytest.raises(ValueError, match="OpConfig.chunk must be one of"):
+    OpConfig(12)
+  with pytest.raises(ValueError, match="OpConfig.momentum needs"):
+    OpConfig(16, "exact", momentum=True)
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernels_lower_to_triton_for_hopper(monkeypatch, momentum, dtype):
+  """Cross-platform lowering (no GPU needed) catches ops Pallas' Triton backend rejects."""
+  from jax._src.pallas.triton import gpu_info  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(gpu_info, "get_gpu_info",
+                      lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
+  config = OpConfig(64, "boundary" if momentum else "exact", "l2", "after", momentum=momentum,
+                    grad_at_retained=not momentum)
+  x = jnp.ones((1, 128, 2, 128), dtype)
+  g = jnp.ones((1, 128, 2))
+  s0 = jnp.zeros((1, 2, 128, 128))
+
+  def loss(k, v, q, s0):
+    y, s, _ = matrix_memory(config, k, v, q, g, g, g, s0, s0 if momentum else None,
+                            interpret=False)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(s)
+
+  text = jax.jit(jax.grad(loss, (0, 1, 2, 3))).trace(x, x, x, s0).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
