@@ -33,7 +33,7 @@ from nlj.core.reference import run_reference
 from nlj_kernels.matrix_memory import OpConfig, matrix_memory, run_level
 from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.prepare import prepare
-from nlj_kernels.matrix_memory.runner import default_interpret
+from nlj_kernels.matrix_memory.runner import launch_options
 
 CHECK_CASES = (  # (level, head dim, batch, length): lengths the chunk of 64 does not divide
     ("gated_deltanet", 64, 1, 200), ("gated_deltanet", 128, 2, 130),
@@ -126,7 +126,7 @@ def check(report: dict, cases: list[int]) -> None:
                      chunked(inp.alpha), chunked(inp.beta), mask)
     fields = tuple(getattr(coeffs, f) for f in pallas_recurrence.CHUNK_FIELDS)
     s0 = jax.random.normal(jax.random.PRNGKey(4), (2, 4, 128, 128))
-    interpret = default_interpret()
+    interpret = launch_options().interpret
     clean = pallas_recurrence.forward(fields, s0, None, block_v=64, interpret=interpret)
     poisoned = pallas_recurrence.forward(fields, s0, None, block_v=64, poison=True,
                                          interpret=interpret)

@@ -6,7 +6,7 @@ DeltaNet, Titans' linear memory with momentum, DGD matrix memories).
   :func:`nlj.core.chunked.run_chunked` of the same :class:`nlj.core.Level`;
 * stage 1 -- :mod:`.prepare`: state-free per-chunk coefficients (JAX, all chunks in parallel);
 * stage 2 -- :mod:`.pallas_recurrence`: the recurrence over chunks, forward and backward Pallas
-  kernels (Triton on GPU, ``interpret=True`` elsewhere), joined by the custom VJP in
+  kernels (Triton on GPU, Mosaic on TPU, ``interpret=True`` on CPU), joined by the custom VJP in
   :mod:`.recurrence`;
 * :mod:`.runner` -- the level runner registered as kernel ``"matrix_memory"``, and
   :func:`matrix_memory`, the op on raw arrays (bfloat16 inputs allowed);
@@ -17,14 +17,15 @@ import jax
 
 from nlj.core.dispatch import Kernel, register_kernel, registered_kernels
 from nlj_kernels.matrix_memory.contract import OpConfig, op_config, unsupported_reason
-from nlj_kernels.matrix_memory.runner import matrix_memory, run_level
+from nlj_kernels.matrix_memory.runner import launch_options, matrix_memory, run_level
 
-__all__ = ["OpConfig", "op_config", "unsupported_reason", "matrix_memory", "run_level", "KERNEL"]
+__all__ = ["OpConfig", "op_config", "unsupported_reason", "matrix_memory", "run_level",
+           "launch_options", "KERNEL"]
 
 
 def _applies(level) -> bool:
-  """Covered levels, on GPU (Triton) or CPU (interpret mode); TPU has no backend yet."""
-  return unsupported_reason(level) is None and jax.default_backend() in ("gpu", "cpu")
+  """Covered levels, on GPU (Triton), TPU (Mosaic) or CPU (interpret mode)."""
+  return unsupported_reason(level) is None and jax.default_backend() in ("gpu", "tpu", "cpu")
 
 
 KERNEL = Kernel("matrix_memory", _applies, run_level)

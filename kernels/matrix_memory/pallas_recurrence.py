@@ -17,8 +17,9 @@ Gradients with a ``d_k`` or ``C`` column (``dKw, dQs, dKd, dQm, dKm, dP``) are p
 the program's ``d_v`` block, summed by the caller; the scalars' gradients are contractions of
 the stored states with the ``dS'``/``dM'`` the kernel writes per chunk, also done by the caller.
 
-``interpret=True`` runs the same kernels on any backend (CPU in CI); otherwise they are lowered
-through Triton (``jax.experimental.pallas.triton``).
+The same kernel bodies are compiled through Triton on GPU (``backend="triton"``) or Mosaic on TPU
+(``backend="tpu"``: per-chunk scalars in SMEM, all grid axes parallel); ``interpret=True`` runs
+either on any device (CPU in CI).
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-__all__ = ["forward", "backward", "CHUNK_FIELDS", "MOMENTUM_FIELDS"]
+__all__ = ["forward", "backward", "BACKENDS", "CHUNK_FIELDS", "MOMENTUM_FIELDS"]
+
+BACKENDS = ("triton", "tpu")
 
 CHUNK_FIELDS = ("kw", "vu", "qs", "p", "kd", "gs")
 MOMENTUM_FIELDS = ("qm", "km", "mc", "gm")
@@ -50,12 +54,16 @@ def _precision(dtype) -> jax.lax.Precision:
   return jax.lax.Precision.HIGHEST if wide else jax.lax.Precision.DEFAULT
 
 
-def _specs(n: int, c: int, dk: int, bv: int, momentum: bool):
-  """BlockSpecs of the chunk fields (grid ``(batch, heads, d_v blocks)``)."""
+def _specs(n: int, c: int, dk: int, bv: int, momentum: bool, backend: str):
+  """BlockSpecs of the chunk fields (grid ``(batch, heads, d_v blocks)``); on TPU the per-chunk
+  scalars live in SMEM."""
   keys = pl.BlockSpec((None, None, n, c, dk), lambda b, h, j: (b, h, 0, 0, 0))
   vals = pl.BlockSpec((None, None, n, c, bv), lambda b, h, j: (b, h, 0, 0, j))
   square = pl.BlockSpec((None, None, n, c, c), lambda b, h, j: (b, h, 0, 0, 0))
-  scalar = pl.BlockSpec((None, None, n), lambda b, h, j: (b, h, 0))
+  if backend == "tpu":  # whole [B, H, N] arrays: Mosaic tiles need (8, 128)-divisible blocks
+    scalar = pl.BlockSpec(memory_space=pltpu.SMEM)
+  else:
+    scalar = pl.BlockSpec((None, None, n), lambda b, h, j: (b, h, 0))
   fields = [keys, vals, keys, square, keys, scalar]
   if momentum:
     fields += [keys, keys, scalar, scalar]
@@ -64,7 +72,19 @@ def _specs(n: int, c: int, dk: int, bv: int, momentum: bool):
   return fields, vals, state, states
 
 
-def _params(num_warps: int):
+def _scalar_reader():
+  """``read(ref, c)``: chunk ``c``'s scalar from a ``[N]`` block or, on TPU, from the whole
+  ``[B, H, N]`` array at this program's (batch, head). Call at the kernel's top level (program
+  ids are not available inside loop bodies in interpret mode)."""
+  b, h = pl.program_id(0), pl.program_id(1)
+  return lambda ref, c: ref[b, h, c] if len(ref.shape) == 3 else ref[c]
+
+
+def _params(backend: str, num_warps: int):
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if backend == "tpu":  # programs are independent; chunks run in order inside each
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
@@ -82,6 +102,7 @@ def _forward_kernel(*refs, n: int, momentum: bool, save_states: bool, poison: bo
   states_ref, mstates_ref = (refs[0], refs[1] if momentum else None) if save_states else (None,) * 2
   cdt = kw_ref.dtype
   prec = _precision(cdt)
+  scalar = _scalar_reader()
 
   def body(c, carry):
     s, m = carry
@@ -93,12 +114,12 @@ def _forward_kernel(*refs, n: int, momentum: bool, save_states: bool, poison: bo
     u = vu_ref[c].astype(s.dtype) - _dot(kw_ref[c], s_c, precision=prec)
     u_c = u.astype(cdt)
     y = _dot(qs_ref[c], s_c, precision=prec) + _dot(p_ref[c], u_c, precision=prec)
-    s_next = gs_ref[c] * s + _dot(kd_ref[c], u_c, trans_a=True, precision=prec)
+    s_next = scalar(gs_ref, c) * s + _dot(kd_ref[c], u_c, trans_a=True, precision=prec)
     if momentum:
       m_c = m.astype(cdt)
       y = y + _dot(qm_ref[c], m_c, precision=prec)
-      s_next = s_next + mc_ref[c] * m
-      m = gm_ref[c] * m + _dot(km_ref[c], u_c, trans_a=True, precision=prec)
+      s_next = s_next + scalar(mc_ref, c) * m
+      m = scalar(gm_ref, c) * m + _dot(km_ref[c], u_c, trans_a=True, precision=prec)
     y_ref[c] = y.astype(y_ref.dtype)
     return s_next, m
 
@@ -118,10 +139,10 @@ def _grid(coeffs: Sequence[jax.Array], s0: jax.Array, block_v: int):
 
 
 @functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "save_states", "interpret",
-                                             "poison"))
+                                             "poison", "backend"))
 def forward(coeffs: tuple, s0: jax.Array, m0: jax.Array | None, *, block_v: int,
             num_warps: int = 4, save_states: bool = False, interpret: bool = False,
-            poison: bool = False):
+            poison: bool = False, backend: str = "triton"):
   """Run the recurrence over all chunks.
 
   Args:
@@ -130,6 +151,8 @@ def forward(coeffs: tuple, s0: jax.Array, m0: jax.Array | None, *, block_v: int,
     s0, m0: initial state and momentum ``[B, H, d_k, d_v]`` in float32 (float64 for tests; the
       kernels accumulate in this dtype), m0 None without momentum.
     block_v: ``d_v`` columns per program.
+    num_warps: Triton warps per program (ignored on TPU).
+    backend: ``"triton"`` (GPU) or ``"tpu"`` (Mosaic TPU); either runs with ``interpret``.
     save_states: also return the state (and momentum) at each chunk start, for the backward.
     poison: write ``y`` and ``s`` into NaN-filled buffers (a check that every element is
       written; the GPU check uses it).
@@ -139,7 +162,7 @@ def forward(coeffs: tuple, s0: jax.Array, m0: jax.Array | None, *, block_v: int,
   """
   momentum = m0 is not None
   (batch, heads, n, c, dk, dv), grid = _grid(coeffs, s0, block_v)
-  fields, vals, state, states = _specs(n, c, dk, block_v, momentum)
+  fields, vals, state, states = _specs(n, c, dk, block_v, momentum, backend)
   in_specs = fields + [state] + ([state] if momentum else [])
   f32 = s0.dtype
   out_shape = [jax.ShapeDtypeStruct((batch, heads, n, c, dv), coeffs[1].dtype),
@@ -161,7 +184,7 @@ def forward(coeffs: tuple, s0: jax.Array, m0: jax.Array | None, *, block_v: int,
     args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape[:2]]
     in_specs = in_specs + out_specs[:2]
   outs = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
-                        out_specs=out_specs, compiler_params=_params(num_warps),
+                        out_specs=out_specs, compiler_params=_params(backend, num_warps),
                         input_output_aliases=aliases, interpret=interpret,
                         name="matrix_memory_fwd")(*args)
   outs = list(outs)
@@ -185,6 +208,7 @@ def _backward_kernel(*refs, n: int, momentum: bool):
   dqm_ref, dkm_ref, dm_next_ref, dm0_ref = outs[7:] if momentum else (None,) * 4
   cdt = kw_ref.dtype
   prec = _precision(cdt)
+  scalar = _scalar_reader()
 
   def body(i, carry):
     c = n - 1 - i
@@ -199,7 +223,7 @@ def _backward_kernel(*refs, n: int, momentum: bool):
     du = _dot(p, dy, trans_a=True, precision=prec) + _dot(kd, ds_c, precision=prec)
     ds_next_ref[c] = ds
     dkd_ref[c] = _dot(u_c, ds_c, trans_b=True, precision=prec)
-    ds_prev = _dot(qs, dy, trans_a=True, precision=prec) + gs_ref[c] * ds
+    ds_prev = _dot(qs, dy, trans_a=True, precision=prec) + scalar(gs_ref, c) * ds
     if momentum:
       m = mstates_ref[c]
       m_c, dm_c = m.astype(cdt), dm.astype(cdt)
@@ -207,7 +231,8 @@ def _backward_kernel(*refs, n: int, momentum: bool):
       dm_next_ref[c] = dm
       dqm_ref[c] = _dot(dy, m_c, trans_b=True, precision=prec)
       dkm_ref[c] = _dot(u_c, dm_c, trans_b=True, precision=prec)
-      dm = _dot(qm_ref[c], dy, trans_a=True, precision=prec) + mc_ref[c] * ds + gm_ref[c] * dm
+      dm = (_dot(qm_ref[c], dy, trans_a=True, precision=prec) + scalar(mc_ref, c) * ds
+            + scalar(gm_ref, c) * dm)
     du_c = du.astype(cdt)
     dvu_ref[c] = du.astype(dvu_ref.dtype)
     dkw_ref[c] = -_dot(du_c, s_c, trans_b=True, precision=prec)
@@ -223,10 +248,10 @@ def _backward_kernel(*refs, n: int, momentum: bool):
     dm0_ref[...] = dm
 
 
-@functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "interpret", "backend"))
 def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: jax.Array,
              ds_end: jax.Array, dm_end: jax.Array | None, *, block_v: int, num_warps: int = 4,
-             interpret: bool = False):
+             interpret: bool = False, backend: str = "triton"):
   """Cotangents of :func:`forward` (see the module docstring).
 
   Args:
@@ -242,7 +267,7 @@ def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: ja
   momentum = mstates is not None
   (batch, heads, n, c, dk, dv), grid = _grid(coeffs, ds_end, block_v)
   nv = grid[-1]
-  fields, vals, state, states_spec = _specs(n, c, dk, block_v, momentum)
+  fields, vals, state, states_spec = _specs(n, c, dk, block_v, momentum, backend)
   in_specs = fields + [states_spec, vals, state] + ([states_spec, state] if momentum else [])
   f32 = ds_end.dtype
   part_keys = pl.BlockSpec((None, None, None, n, c, dk), lambda b, h, j: (j, b, h, 0, 0, 0))
@@ -259,7 +284,7 @@ def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: ja
   kernel = functools.partial(_backward_kernel, n=n, momentum=momentum)
   args = list(coeffs) + [states, dy, ds_end] + ([mstates, dm_end] if momentum else [])
   outs = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
-                        out_specs=out_specs, compiler_params=_params(num_warps),
+                        out_specs=out_specs, compiler_params=_params(backend, num_warps),
                         interpret=interpret, name="matrix_memory_bwd")(*args)
   names = ["vu", "kw", "qs", "p", "kd", "s_next", "s0"]
   if momentum:

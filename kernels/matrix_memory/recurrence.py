@@ -13,35 +13,35 @@ from nlj_kernels.matrix_memory import pallas_recurrence as kernels
 __all__ = ["chunk_recurrence"]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def chunk_recurrence(coeffs: tuple, s0: jax.Array, m0: jax.Array | None, block_v: int,
-                     num_warps: int, interpret: bool):
+                     num_warps: int, interpret: bool, backend: str):
   """``(y, s, m)`` of :func:`nlj_kernels.matrix_memory.pallas_recurrence.forward`, differentiable.
 
   Args:
     coeffs: chunk fields (``CHUNK_FIELDS`` + ``MOMENTUM_FIELDS`` order), ``[B, H, N, C, ·]``.
     s0, m0: ``[B, H, d_k, d_v]`` float32 (m0 None without momentum).
-    block_v, num_warps, interpret: kernel launch options.
+    block_v, num_warps, interpret, backend: kernel launch options (``pallas_recurrence``).
   """
   y, s, m, _, _ = kernels.forward(coeffs, s0, m0, block_v=block_v, num_warps=num_warps,
-                                  interpret=interpret)
+                                  interpret=interpret, backend=backend)
   return y, s, m
 
 
-def _fwd(coeffs, s0, m0, block_v, num_warps, interpret):
+def _fwd(coeffs, s0, m0, block_v, num_warps, interpret, backend):
   y, s, m, states, mstates = kernels.forward(coeffs, s0, m0, block_v=block_v,
                                              num_warps=num_warps, save_states=True,
-                                             interpret=interpret)
+                                             interpret=interpret, backend=backend)
   return (y, s, m), (coeffs, states, mstates)
 
 
-def _bwd(block_v, num_warps, interpret, residuals, cotangents):
+def _bwd(block_v, num_warps, interpret, backend, residuals, cotangents):
   coeffs, states, mstates = residuals
   dy, ds, dm = cotangents
   momentum = mstates is not None
   grads = kernels.backward(coeffs, states, mstates, dy.astype(coeffs[1].dtype), ds,
                            dm if momentum else None, block_v=block_v, num_warps=num_warps,
-                           interpret=interpret)
+                           interpret=interpret, backend=backend)
   contract = lambda a, b: jnp.einsum("bhnkv,bhnkv->bhn", a, b)
   d = {"kw": grads["kw"].sum(0), "vu": grads["vu"], "qs": grads["qs"].sum(0),
        "p": grads["p"].sum(0), "kd": grads["kd"].sum(0),

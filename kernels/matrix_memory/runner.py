@@ -10,6 +10,8 @@ last complete chunk boundary.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -19,12 +21,36 @@ from nlj_kernels.matrix_memory.contract import OpConfig, op_config
 from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, prepare
 from nlj_kernels.matrix_memory.recurrence import chunk_recurrence
 
-__all__ = ["run_level", "matrix_memory", "default_interpret"]
+__all__ = ["run_level", "matrix_memory", "Launch", "launch_options"]
 
 
-def default_interpret() -> bool:
-  """Interpret the kernels (any backend) unless JAX runs on a GPU, where Triton compiles them."""
-  return jax.default_backend() != "gpu"
+class Launch(NamedTuple):
+  """Kernel launch options (see :func:`launch_options`)."""
+
+  block_v: int | None
+  num_warps: int
+  interpret: bool
+  backend: str
+
+
+def launch_options(block_v: int | None = None, num_warps: int = 4,
+                   interpret: bool | None = None, backend: str | None = None) -> Launch:
+  """Launch options with defaults for the running platform.
+
+  Args:
+    block_v: ``d_v`` columns per program (default ``min(d_v, 64)``).
+    num_warps: Triton warps per program.
+    interpret: run the kernels in interpret mode; default: unless JAX runs on the device the
+      backend compiles for.
+    backend: ``"triton"`` or ``"tpu"``; default ``"tpu"`` on a TPU, else ``"triton"``.
+  """
+  platform = jax.default_backend()
+  backend = backend or ("tpu" if platform == "tpu" else "triton")
+  if backend not in pallas_recurrence.BACKENDS:
+    raise ValueError(f"backend must be one of {pallas_recurrence.BACKENDS}, got {backend!r}")
+  if interpret is None:
+    interpret = platform != {"triton": "gpu", "tpu": "tpu"}[backend]
+  return Launch(block_v, num_warps, interpret, backend)
 
 
 def _block_v(d_v: int, block_v: int | None) -> int:
@@ -43,9 +69,11 @@ def _kernel_fields(coeffs: ChunkCoefficients, dtype) -> tuple:
   return tuple(x if x.ndim == 3 else x.astype(dtype) for x in arrays)
 
 
-def _recur(coeffs: ChunkCoefficients, s0, m0, dtype, block_v, num_warps, interpret):
+def _recur(coeffs: ChunkCoefficients, s0, m0, dtype, launch: Launch):
   fields = _kernel_fields(coeffs, dtype)
-  return chunk_recurrence(fields, s0, m0, block_v, num_warps, interpret)
+  block = _block_v(s0.shape[-1], launch.block_v)
+  return chunk_recurrence(fields, s0, m0, block, launch.num_warps, launch.interpret,
+                          launch.backend)
 
 
 def _chunk_slice(coeffs: ChunkCoefficients, start: int, stop: int) -> ChunkCoefficients:
@@ -92,7 +120,7 @@ def _run_unaligned(recur, coeffs: ChunkCoefficients, s0, anchor0, m0, phase, t: 
 
 
 def _run(config: OpConfig, k, v, q, eta, alpha, beta, s0, anchor0, m0, phase, aligned: bool,
-         block_v, num_warps, interpret):
+         launch: Launch):
   """Shared body of :func:`matrix_memory` and :func:`run_level` (shapes as there)."""
   size = config.chunk
   t = k.shape[1]
@@ -115,8 +143,7 @@ def _run(config: OpConfig, k, v, q, eta, alpha, beta, s0, anchor0, m0, phase, al
                                            precision=jax.lax.Precision.HIGHEST)
     coeffs = coeffs._replace(vu=coeffs.vu.at[:, :, 0].set(first))
   dtype = k.dtype
-  block = _block_v(v.shape[-1], block_v)
-  recur = lambda cf, s, m: _recur(cf, s, m, dtype, block, num_warps, interpret)
+  recur = lambda cf, s, m: _recur(cf, s, m, dtype, launch)
   if aligned:
     y, s, m = recur(coeffs, s0, m0)
     anchor = s
@@ -130,8 +157,7 @@ def _run(config: OpConfig, k, v, q, eta, alpha, beta, s0, anchor0, m0, phase, al
 
 def matrix_memory(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array | None,
                   eta: jax.Array, alpha: jax.Array, beta: jax.Array, s0: jax.Array,
-                  m0: jax.Array | None = None, *, block_v: int | None = None,
-                  num_warps: int = 4, interpret: bool | None = None):
+                  m0: jax.Array | None = None, **launch):
   """The op on whole chunks from a chunk boundary (``T % chunk == 0``), in any input dtype.
 
   Args:
@@ -139,9 +165,7 @@ def matrix_memory(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array | N
     k, q: ``[B, T, H, d_k]``; v: ``[B, T, H, d_v]`` (float32 or bfloat16); q may be None.
     eta, alpha, beta: ``[B, T, H]``.
     s0: initial state ``S = Wᵀ [B, H, d_k, d_v]``; m0: momentum (with ``config.momentum``).
-    block_v: ``d_v`` columns per program (default ``min(d_v, 64)``).
-    num_warps: Triton warps per program.
-    interpret: run the kernels in interpret mode (default: unless on a GPU).
+    **launch: :func:`launch_options` (``block_v``, ``num_warps``, ``interpret``, ``backend``).
 
   Returns:
     ``(y [B, T, H, d_v] in v's dtype or None, s [B, H, d_k, d_v] float32, m or None)``.
@@ -151,25 +175,21 @@ def matrix_memory(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array | N
                      f"chunk={config.chunk}; Level.run handles any length")
   if (m0 is None) == config.momentum:
     raise ValueError("m0 must be given exactly when config.momentum is True")
-  interpret = default_interpret() if interpret is None else interpret
-  y, s, m, _ = _run(config, k, v, q, eta, alpha, beta, s0, s0, m0, 0, True, block_v, num_warps,
-                    interpret)
+  y, s, m, _ = _run(config, k, v, q, eta, alpha, beta, s0, s0, m0, 0, True,
+                    launch_options(**launch))
   return (y if q is not None else None), s, m
 
 
 def run_level(level: Level, state: LevelState, inputs: LevelInputs, aligned: bool = False,
-              *, block_v: int | None = None, num_warps: int = 4,
-              interpret: bool | None = None) -> tuple[LevelState, jax.Array | None]:
+              **launch) -> tuple[LevelState, jax.Array | None]:
   """A :data:`nlj.core.dispatch.Runner` for levels the op covers (same results as
-  :func:`nlj.core.chunked.run_chunked`)."""
-  config = op_config(level)
-  interpret = default_interpret() if interpret is None else interpret
+  :func:`nlj.core.chunked.run_chunked`); ``**launch`` as :func:`launch_options`."""
+  config, options = op_config(level), launch_options(**launch)
   transpose = lambda w: jnp.swapaxes(w, -1, -2)
   s0, anchor0 = transpose(state.memory["w"]), transpose(state.anchor["w"])
   m0 = transpose(state.momentum["w"]) if config.momentum else None
   y, s, m, anchor = _run(config, inputs.k, inputs.v, inputs.q, inputs.eta, inputs.alpha,
-                         inputs.beta, s0, anchor0, m0, state.phase, aligned, block_v, num_warps,
-                         interpret)
+                         inputs.beta, s0, anchor0, m0, state.phase, aligned, options)
   dtype = state.memory["w"].dtype
   back = lambda x: {"w": transpose(x).astype(dtype)}
   t = inputs.k.shape[1]
