@@ -114,6 +114,7 @@ class _RecurrentMixer(nnx.Module):
     b, t, d = x.shape
     if d != self.d_model:
       raise ValueError(f"{type(self).__name__} expects x[..., {self.d_model}], got shape {x.shape}")
+    aligned = cache is None and t % self.level.chunk == 0  # whole chunks from a fresh state
     if cache is None:
       cache = self.init_cache(b)
     x = x.astype(self.dtype)
@@ -127,7 +128,7 @@ class _RecurrentMixer(nnx.Module):
     q, k, v = convs
     eta, alpha = self.scalars(x)
     inputs = LevelInputs(l2_normalize(k), v, l2_normalize(q), eta=eta, alpha=alpha)
-    memory, o = self.level.run(cache["memory"], inputs, impl=self.impl)
+    memory, o = self.level.run(cache["memory"], inputs, impl=self.impl, aligned=aligned)
     y = self.out_norm(o, self.g_proj(x))
     return self.out_proj(y).astype(self.dtype), {"conv": tuple(tails), "memory": memory}
 

@@ -273,3 +273,27 @@ def test_kernels_lower_to_triton_for_hopper(monkeypatch, momentum, dtype):
   text = jax.jit(jax.grad(loss, (0, 1, 2, 3))).trace(x, x, x, s0).lower(
       lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
+
+
+@pytest.mark.parametrize("family", ["gated_deltanet", "linear_attention"])
+def test_language_model_with_the_kernel_equals_chunked(family):
+  """A preset LM run with ``impl="pallas"`` (training call, then cached decoding) equals
+  ``impl="chunked"``: logits and every parameter gradient."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from nlj.models import PRESETS, build_model  # pylint: disable=import-outside-toplevel
+  from tests.models.helpers import nll_gradients  # pylint: disable=import-outside-toplevel
+  base = dataclasses.replace(PRESETS[(family, "tiny")], chunk=16)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 32), 0, base.vocab)
+  models = {impl: build_model(dataclasses.replace(base, impl=impl), nnx.Rngs(0))
+            for impl in ("pallas", "chunked")}
+  logits = {impl: m(tokens)[0] for impl, m in models.items()}
+  np.testing.assert_allclose(logits["pallas"], logits["chunked"], atol=2e-5, rtol=2e-5)
+  grads = {impl: dict(nll_gradients(m, tokens)) for impl, m in models.items()}
+  for path, g in grads["chunked"].items():
+    np.testing.assert_allclose(grads["pallas"][path], g, atol=2e-5, rtol=2e-4, err_msg=str(path))
+  model = models["pallas"]  # streaming: 20 tokens, then 12 more (non-aligned phases)
+  first, cache = model(tokens[:, :20], model.init_cache(2, 32))
+  rest, _ = model(tokens[:, 20:], cache)
+  np.testing.assert_allclose(jnp.concatenate([first, rest], 1), logits["chunked"], atol=2e-5,
+                             rtol=2e-5)
