@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-__all__ = ["forward", "backward", "BACKENDS", "CHUNK_FIELDS", "MOMENTUM_FIELDS"]
+__all__ = ["forward", "backward", "compiler_params", "BACKENDS", "CHUNK_FIELDS", "MOMENTUM_FIELDS"]
 
 BACKENDS = ("triton", "tpu")
 
@@ -80,11 +80,12 @@ def _scalar_reader():
   return lambda ref, c: ref[b, h, c] if len(ref.shape) == 3 else ref[c]
 
 
-def _params(backend: str, num_warps: int):
+def compiler_params(backend: str, num_warps: int, grid_dims: int = 3):
+  """Triton or Mosaic-TPU parameters; every grid axis is parallel (programs are independent)."""
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  if backend == "tpu":  # programs are independent; chunks run in order inside each
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
+  if backend == "tpu":
+    return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_dims)
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
@@ -184,7 +185,7 @@ def forward(coeffs: tuple, s0: jax.Array, m0: jax.Array | None, *, block_v: int,
     args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape[:2]]
     in_specs = in_specs + out_specs[:2]
   outs = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
-                        out_specs=out_specs, compiler_params=_params(backend, num_warps),
+                        out_specs=out_specs, compiler_params=compiler_params(backend, num_warps),
                         input_output_aliases=aliases, interpret=interpret,
                         name="matrix_memory_fwd")(*args)
   outs = list(outs)
@@ -284,7 +285,7 @@ def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: ja
   kernel = functools.partial(_backward_kernel, n=n, momentum=momentum)
   args = list(coeffs) + [states, dy, ds_end] + ([mstates, dm_end] if momentum else [])
   outs = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
-                        out_specs=out_specs, compiler_params=_params(backend, num_warps),
+                        out_specs=out_specs, compiler_params=compiler_params(backend, num_warps),
                         interpret=interpret, name="matrix_memory_bwd")(*args)
   names = ["vu", "kw", "qs", "p", "kd", "s_next", "s0"]
   if momentum:

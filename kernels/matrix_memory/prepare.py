@@ -21,12 +21,17 @@ add no momentum to ``S``, are zero columns of ``Γ``); then ``Vu = s ⊙ V``,
 ``Kw = [l2] s ⊙ K``, ``Qs = γ ⊙ Q``, ``Qm = m ⊙ Q``, ``P = A ∘ (Q Kᵀ)``, ``Kd = A_{C,·} ⊙ K``,
 ``Km = (B_C/B_t) ⊙ K``, ``gs = γ_C``, ``mc = m_C``, ``gm = B_C`` (strict versions for ``before``).
 
-All arrays have leading ``[batch, heads, chunks]`` axes; computation is in float32.
+The equations are written once, for one chunk (:func:`chunk_coefficients`, 2-D tiles, only
+operations Pallas lowers: products, ``exp``/``log``, masks, row sums; cumulative sums are masked
+sums), with the triangular inverse ``T`` passed in: :func:`prepare` maps it over
+``[batch, heads, chunks]`` with a triangular solve (plain JAX), and
+:mod:`nlj_kernels.matrix_memory.pallas_prepare` runs it inside Pallas kernels with a blocked
+in-kernel inverse.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,91 +63,123 @@ class ChunkCoefficients(NamedTuple):
   gm: jax.Array | None = None
 
 
+def _tril(size: int, strict: bool) -> jax.Array:
+  rows = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
+  return rows > cols if strict else rows >= cols
+
+
 def _log_cumprod(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Inclusive and exclusive ``log Π`` over the last axis; a factor 0 is a reset (clamped)."""
+  """Inclusive and exclusive ``log Π`` of ``x [C]``; a factor 0 is a reset (clamped)."""
   logs = jnp.log(jnp.maximum(x, jnp.finfo(x.dtype).tiny))
-  inclusive = jnp.cumsum(logs, axis=-1)
+  inclusive = jnp.sum(jnp.where(_tril(x.shape[0], False), logs[None, :], 0.0), axis=1)
   return inclusive, inclusive - logs
 
 
+def _last(x: jax.Array) -> jax.Array:
+  """``x[-1]`` of a ``[C]`` vector as a masked sum (Pallas' Triton lowering has no slices)."""
+  return jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, x.shape, 0) == x.shape[0] - 1,
+                           x, 0.0))
+
+
 def _ratios(log_rows: jax.Array, log_cols: jax.Array, strict: bool) -> jax.Array:
-  """``exp(log_rows_t - log_cols_i)`` on ``i <= t`` (``i < t`` when strict), else 0: ``[..., C, C]``."""
-  size = log_rows.shape[-1]
-  rows, cols = jnp.arange(size)[:, None], jnp.arange(size)[None, :]
-  keep = rows > cols if strict else rows >= cols
-  diff = jnp.where(keep, log_rows[..., :, None] - log_cols[..., None, :], 0.0)
+  """``exp(log_rows_t - log_cols_i)`` on ``i <= t`` (``i < t`` when strict), else 0: ``[C, C]``."""
+  keep = _tril(log_rows.shape[0], strict)
+  diff = jnp.where(keep, log_rows[:, None] - log_cols[None, :], 0.0)
   return jnp.where(keep, jnp.exp(diff), 0.0)
 
 
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+def precision(dtype) -> jax.lax.Precision:
+  """Full-precision products for float32/64 inputs (Triton would use tf32), default otherwise."""
+  wide = jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+  return jax.lax.Precision.HIGHEST if wide else jax.lax.Precision.DEFAULT
 
 
-def _keys_t(x: jax.Array) -> jax.Array:
-  return jnp.swapaxes(x, -1, -2)
+def _mm(a: jax.Array, b: jax.Array, prec, trans_b: bool = False) -> jax.Array:
+  dims = (((1,), (1,) if trans_b else (0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=a.dtype)
 
 
-def prepare(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta: jax.Array,
-            alpha: jax.Array, beta: jax.Array, mask: jax.Array) -> ChunkCoefficients:
-  """Stage-1 coefficients of every chunk.
+Inverse = Callable[[jax.Array], jax.Array]  # strictly lower N [C, C] -> (I + N)^-1
+
+
+def chunk_coefficients(config: OpConfig, inverse: Inverse, k: jax.Array, v: jax.Array,
+                       q: jax.Array, eta: jax.Array, alpha: jax.Array, beta: jax.Array,
+                       mask: jax.Array, prec=jax.lax.Precision.HIGHEST) -> ChunkCoefficients:
+  """Stage-1 coefficients of one chunk (see the module docstring).
 
   Args:
     config: the op.
-    k, q: ``[..., C, d_k]``; v: ``[..., C, d_v]``; eta, alpha, beta: ``[..., C]``.
-    mask: ``[..., C]``, 1 for real tokens and 0 for padding, which leaves every state as it is
+    inverse: ``N -> (I + N)⁻¹`` for strictly lower-triangular ``N [C, C]``.
+    k, q: ``[C, d_k]``; v: ``[C, d_v]``; eta, alpha, beta: ``[C]``, all float32 (or float64).
+    mask: ``[C]``, 1 for real tokens and 0 for padding, which leaves every state as it is
       (as :func:`nlj.core.update.masked_scalars` does).
+    prec: precision of the products.
 
   Returns:
-    float32 :class:`ChunkCoefficients`.
+    :class:`ChunkCoefficients` of ``[C, ·]`` tiles and 0-d scalars.
   """
-  f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  k, v, q, eta, alpha, beta, mask = map(f32, (k, v, q, eta, alpha, beta, mask))
   rule = Rule(config.step, dgd_variant=config.dgd_variant)
-  c, s = jnp.vectorize(rule.coefficients, signature="(),(d)->(),()")(eta, k)
+  c, s = jax.vmap(rule.coefficients)(eta, k)
   c, s = c * mask, s * mask
   alpha, beta = jnp.where(mask > 0, alpha, 1.0), jnp.where(mask > 0, beta, 1.0)
   log_g, log_prev = _log_cumprod(alpha)
   anchored = config.semantics == "boundary" and config.objective == "l2"
-  qk = _mm(q, _keys_t(k))
+  qk = _mm(q, k, prec, trans_b=True)
   if config.read == "after":
     log_read, strict = log_g, False
   else:
     log_read, strict = log_prev, True
   reads_anchor = config.read == "boundary"
-  gs = jnp.exp(log_g[..., -1])
+  qs = q if reads_anchor else jnp.exp(log_read)[:, None] * q
+  gs = jnp.exp(_last(log_g))
   if config.momentum:
     log_b, _ = _log_cumprod(beta)
-    gamma = _ratios(log_read, log_g, strict) * mask[..., None, :]
-    gamma_last = jnp.exp(log_g[..., -1:] - log_g) * mask
+    gamma = _ratios(log_read, log_g, strict) * mask[None, :]
+    gamma_last = jnp.exp(_last(log_g) - log_g) * mask
     decay_all = _ratios(log_b, log_b, False)
-    mixed = _mm(gamma, decay_all)
-    m = _mm(gamma, jnp.exp(log_b)[..., None])[..., 0]
-    last = _mm(gamma_last[..., None, :], decay_all)[..., 0, :]
-    m_last = jnp.sum(gamma_last * jnp.exp(log_b), axis=-1)
-    ka = s[..., None] * k if anchored else None
-    kw = ka if anchored else jnp.zeros_like(k)
-    zero_read = jnp.zeros_like(q) if reads_anchor else None
+    last = jnp.sum(gamma_last[:, None] * decay_all, axis=0)
+    ka = s[:, None] * k if anchored else None
     return ChunkCoefficients(
-        kw=kw, vu=s[..., None] * v,
-        qs=q if reads_anchor else jnp.exp(log_read)[..., None] * q,
-        p=jnp.zeros_like(qk) if reads_anchor else mixed * qk,
-        kd=last[..., None] * k, gs=gs, ka=ka,
-        qm=zero_read if reads_anchor else m[..., None] * q,
-        km=jnp.exp(log_b[..., -1:] - log_b)[..., None] * k,
-        mc=m_last, gm=jnp.exp(log_b[..., -1]))
+        kw=ka if anchored else jnp.zeros_like(k), vu=s[:, None] * v, qs=qs,
+        p=jnp.zeros_like(qk) if reads_anchor else _mm(gamma, decay_all, prec) * qk,
+        kd=last[:, None] * k, gs=gs, ka=ka,
+        qm=jnp.zeros_like(q) if reads_anchor else (
+            jnp.sum(gamma * jnp.exp(log_b)[None, :], axis=1)[:, None] * q),
+        km=jnp.exp(_last(log_b) - log_b)[:, None] * k,
+        mc=jnp.sum(gamma_last * jnp.exp(log_b)), gm=jnp.exp(_last(log_b)))
   if config.semantics == "exact" and config.objective == "l2":
     b = c + (alpha * s if config.grad_at_retained else s)
   else:
     b = c
-  eye = jnp.eye(k.shape[-2], dtype=k.dtype)
-  system = eye + b[..., None] * _ratios(log_prev, log_g, True) * _mm(k, _keys_t(k))
-  inverse = jax.scipy.linalg.solve_triangular(  # one C-column solve, then tensor-core products
-      system, jnp.broadcast_to(eye, system.shape), lower=True, unit_diagonal=True)
-  solve = lambda rhs: _mm(inverse, rhs)
-  ka = solve(s[..., None] * k) if anchored else None
-  kw = solve((b * jnp.exp(log_prev))[..., None] * k)
+  t = inverse(b[:, None] * _ratios(log_prev, log_g, True) * _mm(k, k, prec, trans_b=True))
+  ka = _mm(t, s[:, None] * k, prec) if anchored else None
+  kw = _mm(t, (b * jnp.exp(log_prev))[:, None] * k, prec)
   return ChunkCoefficients(
-      kw=kw if ka is None else kw + ka, vu=solve(s[..., None] * v),
-      qs=q if reads_anchor else jnp.exp(log_read)[..., None] * q,
+      kw=kw if ka is None else kw + ka, vu=_mm(t, s[:, None] * v, prec), qs=qs,
       p=jnp.zeros_like(qk) if reads_anchor else _ratios(log_read, log_g, strict) * qk,
-      kd=jnp.exp(log_g[..., -1:] - log_g)[..., None] * k, gs=gs, ka=ka)
+      kd=jnp.exp(_last(log_g) - log_g)[:, None] * k, gs=gs, ka=ka)
+
+
+def solve_inverse(n: jax.Array) -> jax.Array:
+  """``(I + N)⁻¹`` by a triangular solve (plain JAX; stable for any ``N``)."""
+  eye = jnp.eye(n.shape[-1], dtype=n.dtype)
+  return jax.scipy.linalg.solve_triangular(eye + n, eye, lower=True, unit_diagonal=True)
+
+
+def prepare(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta: jax.Array,
+            alpha: jax.Array, beta: jax.Array, mask: jax.Array) -> ChunkCoefficients:
+  """Stage-1 coefficients of every chunk in plain JAX.
+
+  Args:
+    config: the op.
+    k, q: ``[B, H, N, C, d_k]``; v: ``[B, H, N, C, d_v]``; eta, alpha, beta, mask:
+      ``[B, H, N, C]`` (see :func:`chunk_coefficients`).
+
+  Returns:
+    :class:`ChunkCoefficients` with leading ``[B, H, N]`` axes, in float32 (float64 stays).
+  """
+  f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  args = tuple(map(f32, (k, v, q, eta, alpha, beta, mask)))
+  one = lambda *a: chunk_coefficients(config, solve_inverse, *a)
+  return jax.vmap(jax.vmap(jax.vmap(one)))(*args)

@@ -1,7 +1,8 @@
 """The matrix-memory op as a :class:`nlj.core.Level` runner (``impl="pallas"``).
 
-Stage 1 (:mod:`nlj_kernels.matrix_memory.prepare`, JAX) computes every chunk's state-free
-coefficients in parallel; stage 2 (:mod:`nlj_kernels.matrix_memory.recurrence`, Pallas) carries the
+Stage 1 (:mod:`nlj_kernels.matrix_memory.pallas_prepare`, or the plain-JAX
+:mod:`nlj_kernels.matrix_memory.prepare`) computes every chunk's state-free coefficients in
+parallel; stage 2 (:mod:`nlj_kernels.matrix_memory.recurrence`, Pallas) carries the
 state across chunks. The runner adds what a level's state needs on top: the sequence is shifted
 by the state's ``phase`` and padded to whole chunks with masked no-op tokens, the first chunk
 takes its gradients at the carried anchor, and the anchor after the call is the state at the
@@ -18,10 +19,11 @@ import jax.numpy as jnp
 from nlj.core.level import Level, LevelInputs, LevelState
 from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.contract import OpConfig, op_config
+from nlj_kernels.matrix_memory.pallas_prepare import prepare_pallas
 from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, prepare
 from nlj_kernels.matrix_memory.recurrence import chunk_recurrence
 
-__all__ = ["run_level", "matrix_memory", "Launch", "launch_options"]
+__all__ = ["run_level", "matrix_memory", "Launch", "launch_options", "STAGE1"]
 
 
 class Launch(NamedTuple):
@@ -31,10 +33,15 @@ class Launch(NamedTuple):
   num_warps: int
   interpret: bool
   backend: str
+  stage1: str
+
+
+STAGE1 = ("pallas", "jax")
 
 
 def launch_options(block_v: int | None = None, num_warps: int = 4,
-                   interpret: bool | None = None, backend: str | None = None) -> Launch:
+                   interpret: bool | None = None, backend: str | None = None,
+                   stage1: str | None = None) -> Launch:
   """Launch options with defaults for the running platform.
 
   Args:
@@ -43,6 +50,8 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
     interpret: run the kernels in interpret mode; default: unless JAX runs on the device the
       backend compiles for.
     backend: ``"triton"`` or ``"tpu"``; default ``"tpu"`` on a TPU, else ``"triton"``.
+    stage1: ``"pallas"`` (:mod:`.pallas_prepare`, Triton only) or ``"jax"`` (:mod:`.prepare`);
+      default ``"pallas"`` with Triton, ``"jax"`` with the TPU backend.
   """
   platform = jax.default_backend()
   backend = backend or ("tpu" if platform == "tpu" else "triton")
@@ -50,7 +59,11 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
     raise ValueError(f"backend must be one of {pallas_recurrence.BACKENDS}, got {backend!r}")
   if interpret is None:
     interpret = platform != {"triton": "gpu", "tpu": "tpu"}[backend]
-  return Launch(block_v, num_warps, interpret, backend)
+  stage1 = stage1 or ("pallas" if backend == "triton" else "jax")
+  if stage1 not in STAGE1 or (stage1 == "pallas" and backend != "triton"):
+    raise ValueError(f"stage1 must be one of {STAGE1} ('pallas' with backend='triton' only), "
+                     f"got stage1={stage1!r} with backend={backend!r}")
+  return Launch(block_v, num_warps, interpret, backend, stage1)
 
 
 def _block_v(d_v: int, block_v: int | None) -> int:
@@ -80,13 +93,18 @@ def _chunk_slice(coeffs: ChunkCoefficients, start: int, stop: int) -> ChunkCoeff
   return jax.tree.map(lambda x: x[:, :, start:stop], coeffs)
 
 
-def _to_chunks(x: jax.Array, n: int, size: int, phase, fill: float) -> jax.Array:
-  """``[B, T, H, ...] -> [B, H, n, size, ...]``, shifted right by ``phase``, padded with ``fill``."""
-  b = x.shape[0]
-  padded = jnp.full((b, n * size) + x.shape[2:], fill, x.dtype)
-  padded = jax.lax.dynamic_update_slice_in_dim(padded, x, phase, axis=1)
-  padded = padded.reshape((b, n, size) + x.shape[2:])
-  return jnp.moveaxis(padded, 3, 1)
+def _pad(x: jax.Array, n: int, size: int, phase, fill: float) -> jax.Array:
+  """``[B, T, H, ...] -> [B, n * size, H, ...]``, shifted right by ``phase``, padded with ``fill``."""
+  if x.shape[1] == n * size and isinstance(phase, int) and phase == 0:
+    return x
+  padded = jnp.full((x.shape[0], n * size) + x.shape[2:], fill, x.dtype)
+  return jax.lax.dynamic_update_slice_in_dim(padded, x, phase, axis=1)
+
+
+def _to_chunks(x: jax.Array, size: int) -> jax.Array:
+  """``[B, n * size, H, ...] -> [B, H, n, size, ...]``."""
+  x = x.reshape((x.shape[0], x.shape[1] // size, size) + x.shape[2:])
+  return jnp.moveaxis(x, 3, 1)
 
 
 def _from_chunks(y: jax.Array, phase, t: int) -> jax.Array:
@@ -128,12 +146,15 @@ def _run(config: OpConfig, k, v, q, eta, alpha, beta, s0, anchor0, m0, phase, al
     n, phase = t // size, 0
   else:
     n = -(-(t + size - 1) // size)
-  chunk = lambda x, fill=0.0: _to_chunks(x, n, size, phase, fill)
-  ones = jnp.ones(k.shape[:3], jnp.float32)
-  mask = chunk(ones)
+  pad = lambda x, fill=0.0: _pad(x, n, size, phase, fill)
   q_in = q if q is not None else jnp.zeros_like(k)
-  coeffs = prepare(config, chunk(k), chunk(v), chunk(q_in), chunk(eta), chunk(alpha, 1.0),
-                   chunk(beta, 1.0), mask)
+  padded = (pad(k), pad(v), pad(q_in), pad(eta), pad(alpha, 1.0), pad(beta, 1.0),
+            pad(jnp.ones(k.shape[:3], eta.dtype)))
+  if launch.stage1 == "pallas":
+    coeffs = prepare_pallas(config, *padded, num_warps=launch.num_warps,
+                            interpret=launch.interpret, backend=launch.backend)
+  else:
+    coeffs = prepare(config, *(_to_chunks(x, size) for x in padded))
   f32 = jnp.promote_types(s0.dtype, jnp.float32)
   s0, anchor0 = s0.astype(f32), anchor0.astype(f32)
   m0 = None if m0 is None else m0.astype(f32)
@@ -165,7 +186,8 @@ def matrix_memory(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array | N
     k, q: ``[B, T, H, d_k]``; v: ``[B, T, H, d_v]`` (float32 or bfloat16); q may be None.
     eta, alpha, beta: ``[B, T, H]``.
     s0: initial state ``S = Wᵀ [B, H, d_k, d_v]``; m0: momentum (with ``config.momentum``).
-    **launch: :func:`launch_options` (``block_v``, ``num_warps``, ``interpret``, ``backend``).
+    **launch: :func:`launch_options` (``block_v``, ``num_warps``, ``interpret``, ``backend``,
+      ``stage1``).
 
   Returns:
     ``(y [B, T, H, d_v] in v's dtype or None, s [B, H, d_k, d_v] float32, m or None)``.

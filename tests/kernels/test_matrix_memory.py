@@ -19,7 +19,8 @@ from nlj.core.objectives import L2, DotProduct, Huber
 from nlj.core.reference import run_reference
 from nlj_kernels.matrix_memory import OpConfig, matrix_memory, run_level, unsupported_reason
 from nlj_kernels.matrix_memory import pallas_recurrence
-from nlj_kernels.matrix_memory.prepare import prepare
+from nlj_kernels.matrix_memory.pallas_prepare import blocked_inverse
+from nlj_kernels.matrix_memory.prepare import prepare, solve_inverse
 from tests.core.helpers import max_diff, random_inputs, slice_inputs
 
 # (objective, rule, semantics, read): every combination the kernel covers, by family
@@ -71,14 +72,17 @@ def test_equals_reference_streaming_in_pieces(name):
 
 
 @pytest.mark.parametrize("name", ["gated_deltanet", "titans_momentum", "dgd_normalized"])
-@pytest.mark.parametrize("d_in,d_out,batch,seq", [(32, 16, 1, 64), (16, 64, 3, 48)])
-def test_aligned_equals_reference(name, d_in, d_out, batch, seq):
+@pytest.mark.parametrize("d_in,d_out,batch,seq,chunk,stage1", [
+    (32, 16, 1, 64, 16, "pallas"), (16, 64, 3, 96, 32, "pallas"), (16, 32, 2, 64, 64, "pallas"),
+    (16, 64, 3, 48, 16, "jax")])
+def test_aligned_equals_reference(name, d_in, d_out, batch, seq, chunk, stage1):
   with jax.enable_x64(True):
-    level = make_level(name, d_in, d_out)
+    level = make_level(name, d_in, d_out, chunk)
     inputs = random_inputs(level, batch, seq, seed=3)
     _, state = random_state(level, batch)
     want_state, want_y = run_reference(level, state, inputs)
-    got_state, got_y = run_level(level, state, inputs, aligned=True, interpret=True, block_v=16)
+    got_state, got_y = run_level(level, state, inputs, aligned=True, interpret=True, block_v=16,
+                                 stage1=stage1)
     assert max_diff(got_y, want_y) < 1e-10
     assert_states_close(got_state, want_state, 1e-10)
 
@@ -250,6 +254,23 @@ def test_kernels_lower_for_tpu(momentum):
 def test_launch_options_name_bad_backends():
   with pytest.raises(ValueError, match="backend must be one of"):
     run_level(make_level("gated_deltanet"), None, None, backend="cuda")
+  with pytest.raises(ValueError, match="stage1 must be one of"):
+    run_level(make_level("gated_deltanet"), None, None, backend="tpu", stage1="pallas")
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 128])
+def test_blocked_inverse_float32_with_repeated_keys(size):
+  """The in-kernel inverse against a float64 solve, on random keys and on the worst case the
+  docstring names (many identical unit keys with steps near 1)."""
+  with jax.enable_x64(True):
+    keys = jax.random.normal(jax.random.PRNGKey(size), (size, 32), jnp.float64)
+    keys = keys / jnp.linalg.norm(keys, axis=-1, keepdims=True)
+    repeated = keys.at[size // 4:].set(keys[size // 4])
+    for k, step in ((keys, 0.9), (repeated, 0.99)):
+      n = jnp.tril(step * (k @ k.T), -1)
+      want = solve_inverse(n)
+      got = blocked_inverse(n.astype(jnp.float32)).astype(jnp.float64)
+      assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-4
 
 
 @pytest.mark.parametrize("momentum", [False, True])
@@ -272,7 +293,8 @@ def test_kernels_lower_to_triton_for_hopper(monkeypatch, momentum, dtype):
 
   text = jax.jit(jax.grad(loss, (0, 1, 2, 3))).trace(x, x, x, s0).lower(
       lowering_platforms=("cuda",)).as_text()
-  assert text.count("__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
+  # stage 1 and stage 2, each forward and backward
+  assert text.count("__gpu$xla.gpu.triton") == 4
 
 
 @pytest.mark.parametrize("family", ["gated_deltanet", "linear_attention"])
