@@ -9,7 +9,8 @@ bfloat16 inputs; and a poisoned-output run (every element of ``y`` and ``S`` wri
 
 ``--bench``: forward and forward+backward milliseconds (median of ``--repeats``) at
 B×T×H×D ∈ {8×2048, 4×4096, 2×8192, 1×16384} × 16 × 128 with bfloat16 inputs, for the kernel
-(Gated DeltaNet semantics and Titans' linear memory with momentum), the chunked JAX form of the
+(Gated DeltaNet semantics with the Pallas and the plain-JAX stage 1, and Titans' linear memory
+with momentum), the chunked JAX form of the
 same level (float32, as ``Level.run`` computes), and jax-linear-attention's Gated DeltaNet
 (Pallas Mosaic GPU and plain JAX) when ``jla`` is importable. Ceilings (bf16 matmul TFLOP/s,
 device copy GB/s) are measured in the same run. Prints a table and writes JSON.
@@ -170,15 +171,17 @@ def bench(report: dict, repeats: int, shapes) -> None:
     s0 = jnp.zeros((b, h, d, d))
     row = {"shape": f"{b}x{t}x{h}x{d}"}
 
-    def ours(config):
+    def ours(config, **launch):
       def fwd(i):
-        return matrix_memory(config, *i, s0, s0 if config.momentum else None)[0]
+        return matrix_memory(config, *i, s0, s0 if config.momentum else None, **launch)[0]
       def loss(i):
         return jnp.sum(fwd(i).astype(jnp.float32) * dy.astype(jnp.float32))
       return jax.jit(fwd), jax.jit(jax.grad(loss))
 
-    for label, config in (("pallas_gdn", gdn), ("pallas_titans_momentum", titans)):
-      f, g = ours(config)
+    for label, config, launch in (("pallas_gdn", gdn, {}),
+                                  ("pallas_gdn_stage1_jax", gdn, {"stage1": "jax"}),
+                                  ("pallas_titans_momentum", titans, {})):
+      f, g = ours(config, **launch)
       row[f"{label}_fwd_ms"] = timed(f, inp, repeats=repeats)
       row[f"{label}_fwdbwd_ms"] = timed(g, inp, repeats=repeats)
     level = compositions.gated_deltanet(d, d, h, 64)
@@ -216,8 +219,8 @@ def bench(report: dict, repeats: int, shapes) -> None:
 
 
 def table(report: dict) -> str:
-  cols = ["pallas_gdn", "pallas_titans_momentum", "chunked_jax_gdn", "jla_mosaic_gpu",
-          "jla_chunked"]
+  cols = ["pallas_gdn", "pallas_gdn_stage1_jax", "pallas_titans_momentum", "chunked_jax_gdn",
+          "jla_mosaic_gpu", "jla_chunked"]
   lines = ["| shape | " + " | ".join(f"{c} fwd / fwd+bwd ms" for c in cols) + " |",
            "|" + "---|" * (len(cols) + 1)]
   for row in report.get("bench", []):
