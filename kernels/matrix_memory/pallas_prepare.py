@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 
 from nlj_kernels.matrix_memory.contract import OpConfig
 from nlj_kernels.matrix_memory.pallas_recurrence import compiler_params
-from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, chunk_coefficients, precision
+from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, chunk_coefficients
 
 __all__ = ["blocked_inverse", "prepare_pallas"]
 
@@ -34,19 +34,19 @@ def _tril_blocks(size: int, block: int) -> jax.Array:
   return rows // block == cols // block
 
 
-def _neumann(x: jax.Array, terms: int, prec) -> jax.Array:
+def _neumann(x: jax.Array, terms: int) -> jax.Array:
   """``Σ_{j < terms} (-x)^j = (I - x)(I + x²)(I + x⁴)...`` for nilpotent ``x`` (``x^terms = 0``)."""
   size = x.shape[0]
   eye = (jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
          == jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)).astype(x.dtype)
   out, power = eye - x, x
   for _ in range(max(0, int(math.log2(terms)) - 1)):
-    power = jnp.dot(power, power, precision=prec)
-    out = out + jnp.dot(out, power, precision=prec)
+    power = jnp.dot(power, power)
+    out = out + jnp.dot(out, power)
   return out
 
 
-def blocked_inverse(n: jax.Array, prec=jax.lax.Precision.HIGHEST) -> jax.Array:
+def blocked_inverse(n: jax.Array) -> jax.Array:
   """``(I + N)⁻¹`` of strictly lower-triangular ``N [C, C]`` with products only.
 
   The 16×16 diagonal blocks ``D = (I + N_d)⁻¹`` come from the exact nilpotent series (4 factors);
@@ -58,11 +58,11 @@ def blocked_inverse(n: jax.Array, prec=jax.lax.Precision.HIGHEST) -> jax.Array:
   size = n.shape[0]
   block = min(_BLOCK, size)
   same = _tril_blocks(size, block)
-  d = _neumann(jnp.where(same, n, 0.0), block, prec)
+  d = _neumann(jnp.where(same, n, 0.0), block)
   if size == block:
     return d
-  x = jnp.dot(d, jnp.where(same, 0.0, n), precision=prec)
-  return jnp.dot(_neumann(x, size // block, prec), d, precision=prec)
+  x = jnp.dot(d, jnp.where(same, 0.0, n))
+  return jnp.dot(_neumann(x, size // block), d)
 
 
 @jax.custom_vjp
@@ -126,16 +126,16 @@ def _load(refs):
   return tuple(r[...].astype(jnp.promote_types(r.dtype, jnp.float32)) for r in refs)
 
 
-def _forward_kernel(*refs, config: OpConfig, prec):
+def _forward_kernel(*refs, config: OpConfig):
   ins, outs = refs[:7], refs[7:]
   k, v, q, eta, alpha, beta, mask = _load(ins)
   captured = {}
 
   def inverse(n):
-    captured["t"] = blocked_inverse(n, prec)
+    captured["t"] = blocked_inverse(n)
     return captured["t"]
 
-  coeffs = chunk_coefficients(config, inverse, k, v, q, eta, alpha, beta, mask, prec)
+  coeffs = chunk_coefficients(config, inverse, k, v, q, eta, alpha, beta, mask)
   values = _flat(config, coeffs, k.shape[0])
   for ref, value in zip(outs, values):
     ref[...] = value.astype(ref.dtype)
@@ -143,7 +143,7 @@ def _forward_kernel(*refs, config: OpConfig, prec):
     outs[-1][...] = captured["t"]
 
 
-def _backward_kernel(*refs, config: OpConfig, prec, n_out: int):
+def _backward_kernel(*refs, config: OpConfig, n_out: int):
   ins, refs = refs[:7], refs[7:]
   t_ref, refs = (refs[0], refs[1:]) if not config.momentum else (None, refs)
   cots, grads = refs[:n_out], refs[n_out:]
@@ -152,8 +152,8 @@ def _backward_kernel(*refs, config: OpConfig, prec, n_out: int):
   inverse = lambda n: _given_inverse(n, t)
 
   def f(k, v, q, eta, alpha, beta):
-    return _flat(config, chunk_coefficients(config, inverse, k, v, q, eta, alpha, beta, mask, prec),
-                 k.shape[0])
+    coeffs = chunk_coefficients(config, inverse, k, v, q, eta, alpha, beta, mask)
+    return _flat(config, coeffs, k.shape[0])
 
   _, vjp = jax.vjp(f, k, v, q, eta, alpha, beta)
   tiles, scalars = _fields(config)
@@ -188,7 +188,7 @@ def _forward(config, k, v, q, eta, alpha, beta, mask, *, num_warps, interpret, b
     out_shape.append(jax.ShapeDtypeStruct((b, h, n, size, size), eta.dtype))
     out_specs = out_specs + [pl.BlockSpec((None, None, None, size, size),
                                           lambda bb, hh, c: (bb, hh, c, 0, 0))]
-  kernel = functools.partial(_forward_kernel, config=config, prec=precision(k.dtype))
+  kernel = functools.partial(_forward_kernel, config=config)
   return pl.pallas_call(kernel, out_shape=out_shape, grid=grid,
                         in_specs=_input_specs(size, dk, dv), out_specs=out_specs,
                         compiler_params=params, interpret=interpret,
@@ -206,8 +206,7 @@ def _backward(config, inputs, t_inv, cotangents, *, num_warps, interpret, backen
     extra = [pl.BlockSpec((None, None, None, size, size), lambda bb, hh, c: (bb, hh, c, 0, 0))]
   grad_specs = in_specs[:6]
   grad_shapes = [jax.ShapeDtypeStruct(x.shape, eta.dtype) for x in inputs[:6]]
-  kernel = functools.partial(_backward_kernel, config=config, prec=precision(k.dtype),
-                             n_out=len(cotangents))
+  kernel = functools.partial(_backward_kernel, config=config, n_out=len(cotangents))
   args = list(inputs) + ([t_inv] if not config.momentum else []) + list(cotangents)
   return pl.pallas_call(kernel, out_shape=grad_shapes, grid=grid,
                         in_specs=in_specs + extra + out_specs, out_specs=grad_specs,

@@ -19,7 +19,9 @@ the stored states with the ``dS'``/``dM'`` the kernel writes per chunk, also don
 
 The same kernel bodies are compiled through Triton on GPU (``backend="triton"``) or Mosaic on TPU
 (``backend="tpu"``: per-chunk scalars in SMEM, all grid axes parallel); ``interpret=True`` runs
-either on any device (CPU in CI).
+either on any device (CPU in CI). Products follow ``jax_default_matmul_precision`` as XLA's do
+(tf32 for float32 operands on a GPU by default; ``jax.default_matmul_precision("highest")``
+gives full float32).
 """
 
 from __future__ import annotations
@@ -41,17 +43,11 @@ CHUNK_FIELDS = ("kw", "vu", "qs", "p", "kd", "gs")
 MOMENTUM_FIELDS = ("qm", "km", "mc", "gm")
 
 
-def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False,
-         precision=None) -> jax.Array:
+def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+  """A 2-D product accumulated in at least float32, at JAX's default matmul precision."""
   dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
   out = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
-  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=out)
-
-
-def _precision(dtype) -> jax.lax.Precision:
-  """Full-precision products for float32/64 operands (Triton would use tf32), default otherwise."""
-  wide = dtype in (jnp.float32, jnp.float64)
-  return jax.lax.Precision.HIGHEST if wide else jax.lax.Precision.DEFAULT
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=out)
 
 
 def _specs(n: int, c: int, dk: int, bv: int, momentum: bool, backend: str):
@@ -102,7 +98,6 @@ def _forward_kernel(*refs, n: int, momentum: bool, save_states: bool, poison: bo
   m_out_ref, refs = (refs[0], refs[1:]) if momentum else (None, refs)
   states_ref, mstates_ref = (refs[0], refs[1] if momentum else None) if save_states else (None,) * 2
   cdt = kw_ref.dtype
-  prec = _precision(cdt)
   scalar = _scalar_reader()
 
   def body(c, carry):
@@ -112,15 +107,15 @@ def _forward_kernel(*refs, n: int, momentum: bool, save_states: bool, poison: bo
       if momentum:
         mstates_ref[c] = m
     s_c = s.astype(cdt)
-    u = vu_ref[c].astype(s.dtype) - _dot(kw_ref[c], s_c, precision=prec)
+    u = vu_ref[c].astype(s.dtype) - _dot(kw_ref[c], s_c)
     u_c = u.astype(cdt)
-    y = _dot(qs_ref[c], s_c, precision=prec) + _dot(p_ref[c], u_c, precision=prec)
-    s_next = scalar(gs_ref, c) * s + _dot(kd_ref[c], u_c, trans_a=True, precision=prec)
+    y = _dot(qs_ref[c], s_c) + _dot(p_ref[c], u_c)
+    s_next = scalar(gs_ref, c) * s + _dot(kd_ref[c], u_c, trans_a=True)
     if momentum:
       m_c = m.astype(cdt)
-      y = y + _dot(qm_ref[c], m_c, precision=prec)
+      y = y + _dot(qm_ref[c], m_c)
       s_next = s_next + scalar(mc_ref, c) * m
-      m = scalar(gm_ref, c) * m + _dot(km_ref[c], u_c, trans_a=True, precision=prec)
+      m = scalar(gm_ref, c) * m + _dot(km_ref[c], u_c, trans_a=True)
     y_ref[c] = y.astype(y_ref.dtype)
     return s_next, m
 
@@ -208,7 +203,6 @@ def _backward_kernel(*refs, n: int, momentum: bool):
   dvu_ref, dkw_ref, dqs_ref, dp_ref, dkd_ref, ds_next_ref, ds0_ref = outs[:7]
   dqm_ref, dkm_ref, dm_next_ref, dm0_ref = outs[7:] if momentum else (None,) * 4
   cdt = kw_ref.dtype
-  prec = _precision(cdt)
   scalar = _scalar_reader()
 
   def body(i, carry):
@@ -218,28 +212,28 @@ def _backward_kernel(*refs, n: int, momentum: bool):
     s_c = s.astype(cdt)
     kw, kd, qs, p = kw_ref[c], kd_ref[c], qs_ref[c], p_ref[c]
     dy = dy_ref[c]
-    u = vu_ref[c].astype(s.dtype) - _dot(kw, s_c, precision=prec)
+    u = vu_ref[c].astype(s.dtype) - _dot(kw, s_c)
     u_c = u.astype(cdt)
     ds_c = ds.astype(cdt)
-    du = _dot(p, dy, trans_a=True, precision=prec) + _dot(kd, ds_c, precision=prec)
+    du = _dot(p, dy, trans_a=True) + _dot(kd, ds_c)
     ds_next_ref[c] = ds
-    dkd_ref[c] = _dot(u_c, ds_c, trans_b=True, precision=prec)
-    ds_prev = _dot(qs, dy, trans_a=True, precision=prec) + scalar(gs_ref, c) * ds
+    dkd_ref[c] = _dot(u_c, ds_c, trans_b=True)
+    ds_prev = _dot(qs, dy, trans_a=True) + scalar(gs_ref, c) * ds
     if momentum:
       m = mstates_ref[c]
       m_c, dm_c = m.astype(cdt), dm.astype(cdt)
-      du = du + _dot(km_ref[c], dm_c, precision=prec)
+      du = du + _dot(km_ref[c], dm_c)
       dm_next_ref[c] = dm
-      dqm_ref[c] = _dot(dy, m_c, trans_b=True, precision=prec)
-      dkm_ref[c] = _dot(u_c, dm_c, trans_b=True, precision=prec)
-      dm = (_dot(qm_ref[c], dy, trans_a=True, precision=prec) + scalar(mc_ref, c) * ds
+      dqm_ref[c] = _dot(dy, m_c, trans_b=True)
+      dkm_ref[c] = _dot(u_c, dm_c, trans_b=True)
+      dm = (_dot(qm_ref[c], dy, trans_a=True) + scalar(mc_ref, c) * ds
             + scalar(gm_ref, c) * dm)
     du_c = du.astype(cdt)
     dvu_ref[c] = du.astype(dvu_ref.dtype)
-    dkw_ref[c] = -_dot(du_c, s_c, trans_b=True, precision=prec)
-    dqs_ref[c] = _dot(dy, s_c, trans_b=True, precision=prec)
-    dp_ref[c] = _dot(dy, u_c, trans_b=True, precision=prec)
-    ds_prev = ds_prev - _dot(kw, du_c, trans_a=True, precision=prec)
+    dkw_ref[c] = -_dot(du_c, s_c, trans_b=True)
+    dqs_ref[c] = _dot(dy, s_c, trans_b=True)
+    dp_ref[c] = _dot(dy, u_c, trans_b=True)
+    ds_prev = ds_prev - _dot(kw, du_c, trans_a=True)
     return ds_prev, dm
 
   dm_end = dm_end_ref[...] if momentum else jnp.zeros((), ds_end_ref.dtype)

@@ -89,15 +89,10 @@ def _ratios(log_rows: jax.Array, log_cols: jax.Array, strict: bool) -> jax.Array
   return jnp.where(keep, jnp.exp(diff), 0.0)
 
 
-def precision(dtype) -> jax.lax.Precision:
-  """Full-precision products for float32/64 inputs (Triton would use tf32), default otherwise."""
-  wide = jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
-  return jax.lax.Precision.HIGHEST if wide else jax.lax.Precision.DEFAULT
-
-
-def _mm(a: jax.Array, b: jax.Array, prec, trans_b: bool = False) -> jax.Array:
+def _mm(a: jax.Array, b: jax.Array, trans_b: bool = False) -> jax.Array:
+  """A 2-D product at JAX's default matmul precision (``jax_default_matmul_precision``)."""
   dims = (((1,), (1,) if trans_b else (0,)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=a.dtype)
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=a.dtype)
 
 
 Inverse = Callable[[jax.Array], jax.Array]  # strictly lower N [C, C] -> (I + N)^-1
@@ -105,7 +100,7 @@ Inverse = Callable[[jax.Array], jax.Array]  # strictly lower N [C, C] -> (I + N)
 
 def chunk_coefficients(config: OpConfig, inverse: Inverse, k: jax.Array, v: jax.Array,
                        q: jax.Array, eta: jax.Array, alpha: jax.Array, beta: jax.Array,
-                       mask: jax.Array, prec=jax.lax.Precision.HIGHEST) -> ChunkCoefficients:
+                       mask: jax.Array) -> ChunkCoefficients:
   """Stage-1 coefficients of one chunk (see the module docstring).
 
   Args:
@@ -114,7 +109,6 @@ def chunk_coefficients(config: OpConfig, inverse: Inverse, k: jax.Array, v: jax.
     k, q: ``[C, d_k]``; v: ``[C, d_v]``; eta, alpha, beta: ``[C]``, all float32 (or float64).
     mask: ``[C]``, 1 for real tokens and 0 for padding, which leaves every state as it is
       (as :func:`nlj.core.update.masked_scalars` does).
-    prec: precision of the products.
 
   Returns:
     :class:`ChunkCoefficients` of ``[C, ·]`` tiles and 0-d scalars.
@@ -125,7 +119,7 @@ def chunk_coefficients(config: OpConfig, inverse: Inverse, k: jax.Array, v: jax.
   alpha, beta = jnp.where(mask > 0, alpha, 1.0), jnp.where(mask > 0, beta, 1.0)
   log_g, log_prev = _log_cumprod(alpha)
   anchored = config.semantics == "boundary" and config.objective == "l2"
-  qk = _mm(q, k, prec, trans_b=True)
+  qk = _mm(q, k, trans_b=True)
   if config.read == "after":
     log_read, strict = log_g, False
   else:
@@ -142,7 +136,7 @@ def chunk_coefficients(config: OpConfig, inverse: Inverse, k: jax.Array, v: jax.
     ka = s[:, None] * k if anchored else None
     return ChunkCoefficients(
         kw=ka if anchored else jnp.zeros_like(k), vu=s[:, None] * v, qs=qs,
-        p=jnp.zeros_like(qk) if reads_anchor else _mm(gamma, decay_all, prec) * qk,
+        p=jnp.zeros_like(qk) if reads_anchor else _mm(gamma, decay_all) * qk,
         kd=last[:, None] * k, gs=gs, ka=ka,
         qm=jnp.zeros_like(q) if reads_anchor else (
             jnp.sum(gamma * jnp.exp(log_b)[None, :], axis=1)[:, None] * q),
@@ -152,11 +146,11 @@ def chunk_coefficients(config: OpConfig, inverse: Inverse, k: jax.Array, v: jax.
     b = c + (alpha * s if config.grad_at_retained else s)
   else:
     b = c
-  t = inverse(b[:, None] * _ratios(log_prev, log_g, True) * _mm(k, k, prec, trans_b=True))
-  ka = _mm(t, s[:, None] * k, prec) if anchored else None
-  kw = _mm(t, (b * jnp.exp(log_prev))[:, None] * k, prec)
+  t = inverse(b[:, None] * _ratios(log_prev, log_g, True) * _mm(k, k, trans_b=True))
+  ka = _mm(t, s[:, None] * k) if anchored else None
+  kw = _mm(t, (b * jnp.exp(log_prev))[:, None] * k)
   return ChunkCoefficients(
-      kw=kw if ka is None else kw + ka, vu=_mm(t, s[:, None] * v, prec), qs=qs,
+      kw=kw if ka is None else kw + ka, vu=_mm(t, s[:, None] * v), qs=qs,
       p=jnp.zeros_like(qk) if reads_anchor else _ratios(log_read, log_g, strict) * qk,
       kd=jnp.exp(_last(log_g) - log_g)[:, None] * k, gs=gs, ka=ka)
 

@@ -160,8 +160,7 @@ def _run(config: OpConfig, k, v, q, eta, alpha, beta, s0, anchor0, m0, phase, al
   m0 = None if m0 is None else m0.astype(f32)
   offset = s0 - anchor0  # nonzero only inside a chunk begun by an earlier call
   if coeffs.ka is not None and not aligned:
-    first = coeffs.vu[:, :, 0] + jnp.matmul(coeffs.ka[:, :, 0], offset,
-                                           precision=jax.lax.Precision.HIGHEST)
+    first = coeffs.vu[:, :, 0] + jnp.matmul(coeffs.ka[:, :, 0], offset)
     coeffs = coeffs._replace(vu=coeffs.vu.at[:, :, 0].set(first))
   dtype = k.dtype
   recur = lambda cf, s, m: _recur(cf, s, m, dtype, launch)
@@ -171,7 +170,7 @@ def _run(config: OpConfig, k, v, q, eta, alpha, beta, s0, anchor0, m0, phase, al
   else:
     y, s, m, anchor = _run_unaligned(recur, coeffs, s0, anchor0, m0, phase, t, size)
   if config.read == "boundary" and not aligned:
-    correction = -jnp.matmul(coeffs.qs[:, :, 0], offset, precision=jax.lax.Precision.HIGHEST)
+    correction = -jnp.matmul(coeffs.qs[:, :, 0], offset)
     y = y.at[:, :, 0].add(correction.astype(y.dtype))
   return _from_chunks(y, phase, t), s, m, anchor
 

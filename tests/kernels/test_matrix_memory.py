@@ -182,9 +182,10 @@ def test_dispatcher_takes_the_kernel_for_covered_levels():
     _, y_pallas = level.run(state, inputs, impl="pallas")
     _, y_chunked = level.run(state, inputs, impl="chunked")
     assert max_diff(y_pallas, y_chunked) < 1e-10
-    mlp = compositions.titans_memory(16, 32, heads=2, chunk=16)
-    with pytest.raises(ValueError, match="no registered kernel covers memory=MLPMemory"):
-      mlp.run(mlp.init_state(mlp.init(jax.random.PRNGKey(0)), 1), inputs, impl="pallas")
+    huber = Level(MatrixMemory(16, 16), Huber(), Rule("gd"), 16, heads=2)
+    with pytest.raises(ValueError, match="no registered kernel covers memory=MatrixMemory, "
+                                         "objective='huber'"):
+      huber.run(huber.init_state(huber.init(jax.random.PRNGKey(0)), 1), inputs, impl="pallas")
 
 
 @pytest.mark.parametrize("level,reason", [
