@@ -7,3 +7,4 @@ benchmark) and registers its backends with :func:`nlj.core.dispatch.register_ker
 """
 
 from nlj_kernels import matrix_memory  # noqa: E402,F401  (registers its kernel)
+from nlj_kernels import mlp_memory  # noqa: E402,F401  (registers its kernel)

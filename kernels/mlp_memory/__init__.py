@@ -1,0 +1,31 @@
+"""Op 2: the chunked update of per-head residual-MLP memories (self-modifying Titans' six
+memories, Hope eqs. 88-90; Titans' deep neural memory, Titans eqs. 9-14).
+
+* contract -- :mod:`.contract` (what is computed, which levels are covered); the token-by-token
+  reference and the chunked JAX form are :func:`nlj.core.reference.run_reference` and
+  :func:`nlj.core.chunked.run_chunked` of the same :class:`nlj.core.Level`;
+* stage 1 -- :mod:`.prepare`: state-free per-chunk coefficients (JAX, all chunks in parallel);
+* stage 2 -- :mod:`.chunk`: one chunk in dense dual form, run by the forward and (through
+  ``jax.vjp``) the backward Pallas kernels of :mod:`.pallas_chunks` (Triton on GPU,
+  ``interpret=True`` elsewhere), joined by the custom VJP in :mod:`.recurrence`;
+* :mod:`.runner` -- the level runner registered as kernel ``"mlp_memory"``;
+* ``benchmarks/kernels_mlp_memory.py`` -- GPU check and timings against the chunked JAX form.
+"""
+
+import jax
+
+from nlj.core.dispatch import Kernel, register_kernel, registered_kernels
+from nlj_kernels.mlp_memory.contract import OpConfig, op_config, unsupported_reason
+from nlj_kernels.mlp_memory.runner import launch_options, run_level
+
+__all__ = ["OpConfig", "op_config", "unsupported_reason", "launch_options", "run_level", "KERNEL"]
+
+
+def _applies(level) -> bool:
+  """Covered levels, on GPU (Triton) or CPU (interpret mode); TPU has no backend yet."""
+  return unsupported_reason(level) is None and jax.default_backend() in ("gpu", "cpu")
+
+
+KERNEL = Kernel("mlp_memory", _applies, run_level)
+if all(k.name != KERNEL.name for k in registered_kernels()):
+  register_kernel(KERNEL)
