@@ -54,10 +54,12 @@ def initial_state(level: Level, batch: int, seed: int = 1):
 
 
 def assert_streams_like_reference(level, inputs, state, pieces, tol=1e-10):
+  """Run ``inputs`` in ``pieces`` (jitted: the carried phase is traced) against one reference."""
   want_state, want_y = run_reference(level, state, inputs)
+  step = jax.jit(lambda s, x: run_level(level, s, x, interpret=True))
   got, ys = state, []
   for start, stop in pieces:
-    got, y = run_level(level, got, slice_inputs(inputs, start, stop), interpret=True)
+    got, y = step(got, slice_inputs(inputs, start, stop))
     ys.append(y)
   if inputs.q is None:
     assert all(y is None for y in ys)
