@@ -9,7 +9,7 @@ bfloat16 inputs; and a poisoned-output run (every element of ``y`` and ``S`` wri
 
 ``--bench``: forward and forward+backward milliseconds (median of ``--repeats``) at
 B×T×H×D ∈ {8×2048, 4×4096, 2×8192, 1×16384} × 16 × 128 with bfloat16 inputs, for the kernel
-(Gated DeltaNet semantics with the Pallas and the plain-JAX stage 1, and Titans' linear memory
+(Gated DeltaNet semantics with the plain-JAX and the Pallas stage 1, and Titans' linear memory
 with momentum), the chunked JAX form of the
 same level (float32, as ``Level.run`` computes), and jax-linear-attention's Gated DeltaNet
 (Pallas Mosaic GPU and plain JAX) when ``jla`` is importable. Ceilings (bf16 matmul TFLOP/s,
@@ -80,7 +80,7 @@ def inputs(key, b, t, h, d, dtype=jnp.float32):
   return LevelInputs(k, v, q, eta, alpha, beta)
 
 
-def check(report: dict, cases: list[int]) -> None:
+def check(report: dict, cases: list[int], stage1: str) -> None:
   key = jax.random.PRNGKey(1)
   rows = []
   with jax.default_matmul_precision("highest"):
@@ -92,7 +92,8 @@ def check(report: dict, cases: list[int]) -> None:
       inp = inputs(k2, b, t, 2, d)
       state = level.init_state(params, b)
       ref_state, ref_y = jax.jit(lambda s, i: run_reference(level, s, i))(state, inp)
-      got_state, got_y = jax.jit(lambda s, i: run_level(level, s, i))(state, inp)
+      kernel = lambda lv, s, i: run_level(lv, s, i, stage1=stage1)
+      got_state, got_y = jax.jit(lambda s, i: kernel(level, s, i))(state, inp)
       row = {"level": name, "d": d, "b": b, "t": t, "y_rel": rel(got_y, ref_y),
              "state_rel": rel(got_state.memory["w"], ref_state.memory["w"])}
       if d == 64:
@@ -100,7 +101,7 @@ def check(report: dict, cases: list[int]) -> None:
           s, y = runner(level, level.init_state(p, b), i)
           return jnp.sum(y * jnp.cos(y)) + jnp.sum(s.memory["w"] ** 2)
         g_ref = jax.jit(jax.grad(lambda p, i: loss(run_reference, p, i), (0, 1)))(params, inp)
-        g = jax.jit(jax.grad(lambda p, i: loss(run_level, p, i), (0, 1)))(params, inp)
+        g = jax.jit(jax.grad(lambda p, i: loss(kernel, p, i), (0, 1)))(params, inp)
         row["grad_rel"] = max(rel(a, r) for a, r in zip(jax.tree.leaves(g),
                                                         jax.tree.leaves(g_ref)))
       rows.append(row)
@@ -111,7 +112,8 @@ def check(report: dict, cases: list[int]) -> None:
       level = CHECK_LEVELS["titans_linear" if mom else "gated_deltanet"](128)
       inp = inputs(jax.random.PRNGKey(7), 2, 256, 2, 128, jnp.bfloat16)
       s0 = jnp.zeros((2, 2, 128, 128))
-      y, s, _ = jax.jit(lambda i: matrix_memory(config, *i, s0, s0 if mom else None))(inp)
+      y, s, _ = jax.jit(lambda i: matrix_memory(config, *i, s0, s0 if mom else None,
+                                                stage1=stage1))(inp)
       up = jax.tree.map(lambda x: x.astype(jnp.float32), inp)
       zero = level.init_state({"w": jnp.zeros((2, 128, 128))}, 2)
       ref_state, ref_y = jax.jit(lambda s, i: run_reference(level, s, i))(zero, up)
@@ -179,7 +181,7 @@ def bench(report: dict, repeats: int, shapes) -> None:
       return jax.jit(fwd), jax.jit(jax.grad(loss))
 
     for label, config, launch in (("pallas_gdn", gdn, {}),
-                                  ("pallas_gdn_stage1_jax", gdn, {"stage1": "jax"}),
+                                  ("pallas_gdn_stage1_pallas", gdn, {"stage1": "pallas"}),
                                   ("pallas_titans_momentum", titans, {})):
       f, g = ours(config, **launch)
       row[f"{label}_fwd_ms"] = timed(f, inp, repeats=repeats)
@@ -219,7 +221,7 @@ def bench(report: dict, repeats: int, shapes) -> None:
 
 
 def table(report: dict) -> str:
-  cols = ["pallas_gdn", "pallas_gdn_stage1_jax", "pallas_titans_momentum", "chunked_jax_gdn",
+  cols = ["pallas_gdn", "pallas_gdn_stage1_pallas", "pallas_titans_momentum", "chunked_jax_gdn",
           "jla_mosaic_gpu", "jla_chunked"]
   lines = ["| shape | " + " | ".join(f"{c} fwd / fwd+bwd ms" for c in cols) + " |",
            "|" + "---|" * (len(cols) + 1)]
@@ -238,6 +240,8 @@ def main() -> None:
   parser.add_argument("--cases", default=",".join(map(str, range(len(CHECK_CASES)))),
                       help="indices into CHECK_CASES for --check")
   parser.add_argument("--shapes", default="0,1,2,3", help="indices into SHAPES for --bench")
+  parser.add_argument("--stage1", default="jax", choices=("jax", "pallas"),
+                      help="stage 1 the --check runs")
   parser.add_argument("--bench", action="store_true")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--out", default="benchmarks")
@@ -245,7 +249,7 @@ def main() -> None:
   report = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
             "date": time.strftime("%Y-%m-%d")}
   if args.check:
-    check(report, [int(i) for i in args.cases.split(",")])
+    check(report, [int(i) for i in args.cases.split(",")], args.stage1)
   if args.bench:
     ceilings(report, args.repeats)
     bench(report, args.repeats, [SHAPES[int(i)] for i in args.shapes.split(",")])

@@ -50,8 +50,9 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
     interpret: run the kernels in interpret mode; default: unless JAX runs on the device the
       backend compiles for.
     backend: ``"triton"`` or ``"tpu"``; default ``"tpu"`` on a TPU, else ``"triton"``.
-    stage1: ``"pallas"`` (:mod:`.pallas_prepare`, Triton only) or ``"jax"`` (:mod:`.prepare`);
-      default ``"pallas"`` with Triton, ``"jax"`` with the TPU backend.
+    stage1: ``"jax"`` (:mod:`.prepare`, the default) or ``"pallas"`` (:mod:`.pallas_prepare`,
+      Triton only; opt-in until its GPU check has run: it has compiled and trained a model on an
+      H100, but ``benchmarks/kernels_matrix_memory.py --check`` has not yet run it).
   """
   platform = jax.default_backend()
   backend = backend or ("tpu" if platform == "tpu" else "triton")
@@ -59,7 +60,7 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
     raise ValueError(f"backend must be one of {pallas_recurrence.BACKENDS}, got {backend!r}")
   if interpret is None:
     interpret = platform != {"triton": "gpu", "tpu": "tpu"}[backend]
-  stage1 = stage1 or ("pallas" if backend == "triton" else "jax")
+  stage1 = stage1 or "jax"
   if stage1 not in STAGE1 or (stage1 == "pallas" and backend != "triton"):
     raise ValueError(f"stage1 must be one of {STAGE1} ('pallas' with backend='triton' only), "
                      f"got stage1={stage1!r} with backend={backend!r}")

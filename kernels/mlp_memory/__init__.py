@@ -26,6 +26,8 @@ def _applies(level) -> bool:
   return unsupported_reason(level) is None and jax.default_backend() in ("gpu", "cpu")
 
 
-KERNEL = Kernel("mlp_memory", _applies, run_level)
+# Opt-in (impl="pallas") until benchmarks/kernels_mlp_memory.py --check has passed on a GPU:
+# its first GPU run (2026-11-26) did not finish compiling inside the time it had.
+KERNEL = Kernel("mlp_memory", _applies, run_level, auto=False)
 if all(k.name != KERNEL.name for k in registered_kernels()):
   register_kernel(KERNEL)

@@ -6,7 +6,7 @@ Implementations are chosen explicitly, never by a silent try/except:
 * ``"chunked"``   -- :func:`nlj.core.chunked.run_chunked`;
 * ``"pallas"``    -- the first registered kernel whose ``applies(level)`` is true; an error
   naming the level's memory, objective and rule when none covers it;
-* ``"auto"``      -- a covering kernel on GPU/TPU, otherwise ``"chunked"``.
+* ``"auto"``      -- a covering kernel marked ``auto`` on GPU/TPU, otherwise ``"chunked"``.
 
 Kernels (``nlj_kernels``) register themselves with :func:`register_kernel`.
 """
@@ -30,11 +30,16 @@ Runner = Callable  # (level, state, inputs, aligned=False) -> (state, y)
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-  """A kernel backend for some levels: ``applies(level)`` says which; ``run`` is a Runner."""
+  """A kernel backend for some levels: ``applies(level)`` says which; ``run`` is a Runner.
+
+  ``auto=False`` keeps a kernel out of ``impl="auto"`` (only ``impl="pallas"`` runs it), for a
+  kernel whose results have not yet been checked on the accelerators ``"auto"`` would use it on.
+  """
 
   name: str
   applies: Callable[[Level], bool]
   run: Runner
+  auto: bool = True
 
 
 _KERNELS: list[Kernel] = []
@@ -51,8 +56,8 @@ def registered_kernels() -> tuple[Kernel, ...]:
   return tuple(_KERNELS)
 
 
-def _covering(level: Level) -> Kernel | None:
-  return next((k for k in _KERNELS if k.applies(level)), None)
+def _covering(level: Level, auto_only: bool = False) -> Kernel | None:
+  return next((k for k in _KERNELS if k.applies(level) and (k.auto or not auto_only)), None)
 
 
 def resolve(level: Level, impl: str) -> Runner:
@@ -64,7 +69,7 @@ def resolve(level: Level, impl: str) -> Runner:
   if impl == "chunked":
     return run_chunked
   import nlj_kernels  # pylint: disable=import-outside-toplevel,unused-import  (registers kernels)
-  kernel = _covering(level)
+  kernel = _covering(level, auto_only=impl == "auto")
   if impl == "pallas":
     if kernel is None:
       raise ValueError(

@@ -105,11 +105,14 @@ def test_dispatch_auto_and_pallas(monkeypatch):
   with pytest.raises(ValueError, match="no registered kernel covers"):
     dispatch.resolve(level, "pallas")
   monkeypatch.setattr(dispatch, "_KERNELS", [])
+  opt_in = Kernel("opt-in", lambda lv: lv.semantics == "exact", dispatch.run_chunked, auto=False)
+  register_kernel(opt_in)
+  assert dispatch.resolve(level, "pallas") is dispatch.run_chunked
   fake = Kernel("test-kernel", lambda lv: lv.semantics == "exact", dispatch.run_reference)
   register_kernel(fake)
-  assert dispatch.resolve(level, "pallas") is dispatch.run_reference
+  assert dispatch.resolve(level, "pallas") is dispatch.run_chunked  # the first covering one
   assert dispatch.resolve(level, "auto") is dispatch.run_chunked  # kernels only on GPU/TPU
   monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
-  assert dispatch.resolve(level, "auto") is dispatch.run_reference
+  assert dispatch.resolve(level, "auto") is dispatch.run_reference  # skips the opt-in kernel
   with pytest.raises(ValueError, match="already registered"):
     register_kernel(fake)
