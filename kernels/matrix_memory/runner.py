@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from nlj.core.chunked import chunk_layout
 from nlj.core.level import Level, LevelInputs, LevelState
 from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.contract import OpConfig, op_config
@@ -143,10 +144,7 @@ def _run(config: OpConfig, k, v, q, eta, alpha, beta, s0, anchor0, m0, phase, al
   """Shared body of :func:`matrix_memory` and :func:`run_level` (shapes as there)."""
   size = config.chunk
   t = k.shape[1]
-  if aligned:
-    n, phase = t // size, 0
-  else:
-    n = -(-(t + size - 1) // size)
+  n, phase = chunk_layout(size, t, phase, aligned)
   pad = lambda x, fill=0.0: _pad(x, n, size, phase, fill)
   q_in = q if q is not None else jnp.zeros_like(k)
   padded = (pad(k), pad(v), pad(q_in), pad(eta), pad(alpha, 1.0), pad(beta, 1.0),

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from nlj.core.chunked import chunk_layout
 from nlj.core.level import Level, LevelInputs, LevelState
 from nlj_kernels.mlp_memory.contract import op_config, tile
 from nlj_kernels.mlp_memory.prepare import prepare
@@ -81,10 +82,7 @@ def run_level(level: Level, state: LevelState, inputs: LevelInputs, aligned: boo
   config, options = op_config(level), launch_options(**launch)
   size = level.chunk
   b, t, h, _ = inputs.k.shape
-  if aligned:
-    n, phase = t // size, 0
-  else:
-    n, phase = -(-(t + size - 1) // size), state.phase  # enough chunks for any phase
+  n, phase = chunk_layout(size, t, state.phase, aligned)
   new_phase = jnp.asarray((phase + t) % size, jnp.int32)
   dtype = jnp.promote_types(jax.tree.leaves(state.memory)[0].dtype, jnp.float32)
   if n == 0:

@@ -30,7 +30,8 @@ from nlj.core.objectives import memory_grad
 from nlj.core.recurrence import matrix_recurrence, scalar_recurrence
 from nlj.core.update import masked_scalars, write_token
 
-__all__ = ["run_chunked", "chunk_boundary", "chunk_exact_ut", "chunk_exact_scan", "uses_ut"]
+__all__ = ["run_chunked", "chunk_layout", "chunk_boundary", "chunk_exact_ut", "chunk_exact_scan",
+           "uses_ut"]
 
 _last = lambda tree: jax.tree.map(lambda x: x[-1], tree)
 
@@ -142,6 +143,17 @@ def chunk_exact_scan(level: Level, memory, momentum, anchor, k, v, q, eta, alpha
   return memory, momentum, y
 
 
+def chunk_layout(size: int, seq: int, phase, aligned: bool) -> tuple[int, object]:
+  """``(chunks, phase)`` that cover ``seq`` tokens starting ``phase`` tokens into a chunk.
+
+  ``aligned`` promises ``phase == 0`` and ``seq % size == 0`` (exactly ``seq / size`` chunks);
+  otherwise ``ceil((seq + size - 1) / size)`` static chunks cover any (possibly traced) phase.
+  """
+  if aligned:
+    return seq // size, 0
+  return -(-(seq + size - 1) // size), phase
+
+
 def _chunk_fn(level: Level):
   if level.semantics == "boundary":
     return chunk_boundary
@@ -157,10 +169,7 @@ def run_chunked(level: Level, state: LevelState, inputs: LevelInputs, aligned: b
   """
   size = level.chunk
   b, t, h, _ = inputs.k.shape
-  if aligned:
-    n, phase = t // size, 0
-  else:
-    n, phase = -(-(t + size - 1) // size), state.phase  # enough chunks for any phase
+  n, phase = chunk_layout(size, t, state.phase, aligned)
   has_q = inputs.q is not None
 
   def to_chunks(x):  # [b, t, h, ...] -> [n, b, h, size, ...], shifted right by phase
