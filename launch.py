@@ -114,8 +114,10 @@ def main(argv, overrides: dict[str, str]) -> None:
   config = apply_overrides(experiment.config, overrides)
   workdir = FLAGS.workdir or os.path.join("runs", experiment.name)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump({"experiment": experiment.name, **dataclasses.asdict(config)}, f, indent=2)
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:  # one writer on a shared workdir
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump({"experiment": experiment.name, **dataclasses.asdict(config)}, f, indent=2)
   experiment.run(config, workdir)
 
 
