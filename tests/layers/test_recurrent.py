@@ -19,7 +19,6 @@ from nlj.layers import DeltaNet, GatedDeltaNet, LinearAttention
 B, T, D, H, CHUNK = 2, 13, 16, 2, 4  # T is not a multiple of CHUNK
 MIXERS = (LinearAttention, DeltaNet, GatedDeltaNet)
 TOL = dict(rtol=1e-5, atol=1e-5)
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @functools.cache
@@ -27,8 +26,7 @@ def _apply(cls, impl="chunked"):
   """``f(x, cache) -> (y, cache)`` of a fixed-seed mixer, jitted once; and the mixer."""
   mixer = cls(D, H, nnx.Rngs(0), chunk=CHUNK, impl=impl)
   graphdef, state = nnx.split(mixer)
-  fn = jax.jit(lambda state, x, cache: nnx.merge(graphdef, state)(x, cache),
-               compiler_options=FAST_COMPILE)
+  fn = jax.jit(lambda state, x, cache: nnx.merge(graphdef, state)(x, cache))
   return (lambda x, cache=None: fn(state, x, mixer.init_cache(x.shape[0]) if cache is None
                                    else cache)), mixer
 

@@ -12,7 +12,6 @@ from flax import nnx
 from nlj.models import PRESETS, build_model, families, register_family, swiglu_hidden
 from nlj.models import registry
 from nlj.models.blocks import layer_families
-from tests.models.helpers import FAST_COMPILE
 
 TINY = PRESETS[("deltanet", "tiny")]
 
@@ -66,8 +65,7 @@ def test_registered_family_with_streaming_mlp(clean_registry):
   assert [b.mixer.layer for b in model.blocks] == [0, 1, 2, 3]
   assert all(b.streaming_mlp for b in model.blocks)
   graphdef, state = nnx.split(model)
-  f = jax.jit(lambda state, tokens, cache: nnx.merge(graphdef, state)(tokens, cache),
-              compiler_options=FAST_COMPILE)
+  f = jax.jit(lambda state, tokens, cache: nnx.merge(graphdef, state)(tokens, cache))
   f = functools.partial(f, state)
   tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, config.vocab)
   logits, cache = f(tokens, model.init_cache(2, 9))

@@ -11,7 +11,7 @@ from flax import nnx
 
 from nlj.models import PRESETS, ModelConfig, build_model, generate
 from nlj.models.ntp import forward_with_ntp_updates
-from tests.models.helpers import (FAST_COMPILE, assert_trees_close, cached_lm, dead_parameters,
+from tests.models.helpers import (assert_trees_close, cached_lm, dead_parameters,
                                   nll_gradients)
 
 FAMILIES = ("hope", "hope_attention", "self_mod_titans")
@@ -116,7 +116,7 @@ def test_ntp_driver_updates_cms_from_the_chunk_loss():
   model = build_model(NTP, nnx.Rngs(0))
   tokens = _tokens(6, seq=16, vocab=64)
   plain, _ = model(tokens)
-  run = jax.jit(lambda t: forward_with_ntp_updates(model, t), compiler_options=FAST_COMPILE)
+  run = jax.jit(lambda t: forward_with_ntp_updates(model, t))
   logits, cache = run(tokens)
   _close(logits[:, :4], plain[:, :4])                        # first chunk: frozen initial levels
   assert float(jnp.max(jnp.abs(logits[:, 4:] - plain[:, 4:]))) > 1e-4
@@ -140,7 +140,7 @@ def test_ntp_driver_with_zero_lr_is_the_plain_model_and_is_differentiable():
     logits, _ = forward_with_ntp_updates(nnx.merge(graphdef, params, rest), tokens)
     return jnp.mean(jax.nn.logsumexp(logits, -1))
 
-  grads = jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   cms_grads = [g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]
                if "init_params" in jax.tree_util.keystr(p) and "mlp" in jax.tree_util.keystr(p)]
   assert cms_grads and all(bool(jnp.all(jnp.isfinite(g))) and bool(jnp.any(g != 0))

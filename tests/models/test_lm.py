@@ -16,7 +16,6 @@ import pytest
 from flax import nnx
 
 from nlj.models import PRESETS, build_model, count_params, generate
-from tests.models.helpers import FAST_COMPILE
 
 FAMILIES = ("linear_attention", "deltanet", "gated_deltanet")
 TINY = PRESETS[("gated_deltanet", "tiny")]
@@ -25,7 +24,7 @@ B, T = 2, 22  # pieces of 11: not multiples of the chunk
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+@functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, tokens, cache):
   return nnx.merge(graphdef, state)(tokens, cache)
 
@@ -116,7 +115,7 @@ def test_gradients_reach_every_parameter():
     logp = jax.nn.log_softmax(logits[:, :-1])
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
-  grads = jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   flat = jax.tree_util.tree_flatten_with_path(grads)[0]
   assert len(flat) == len(jax.tree.leaves(params))
   dead = [jax.tree_util.keystr(path) for path, g in flat
