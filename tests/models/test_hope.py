@@ -65,8 +65,6 @@ def test_streaming_pieces_equal_one_call():
   _close(c, cache)
 
 
-@pytest.mark.isolated("an XLA CPU compile crashed the xdist worker here in two full-suite runs "
-                      "(SIGSEGV, then SIGABRT) while the test passes alone")
 def test_token_by_token_equals_teacher_forced():
   model, f = _lm()
   tokens = _tokens(2, seq=12)
