@@ -33,6 +33,7 @@ from nlj.core.objectives import L2, DotProduct
 from nlj.core.reference import run_reference
 from nlj_kernels.matrix_memory import OpConfig, matrix_memory, run_level
 from nlj_kernels.matrix_memory import pallas_recurrence
+from nlj_kernels.matrix_memory.pallas_prepare import prepare_pallas
 from nlj_kernels.matrix_memory.prepare import prepare
 from nlj_kernels.matrix_memory.runner import launch_options
 
@@ -54,13 +55,28 @@ CHECK_LEVELS = {
 
 def timed(f, *args, repeats: int) -> float:
   """Median milliseconds of ``f(*args)`` after a warm-up call."""
+  return timed_first(f, *args, repeats=repeats)[0]
+
+
+def timed_first(f, *args, repeats: int) -> tuple[float, float]:
+  """``(median ms, seconds of the first call)`` of ``f(*args)``; the first call holds the
+  compilation and is not among the timed ones."""
+  start = time.perf_counter()
   jax.block_until_ready(f(*args))
+  first = time.perf_counter() - start
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(f(*args))
     times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  return 1e3 * statistics.median(times), first
+
+
+def record(row: dict, key: str, f, *args, repeats: int) -> None:
+  """``row[key + "_ms"]`` (median) and ``row[key + "_first_s"]`` (compilation + one call)."""
+  row[f"{key}_ms"], row[f"{key}_first_s"] = timed_first(f, *args, repeats=repeats)
+  print(f"  {key}: {row[f'{key}_ms']:.3f} ms (first call {row[f'{key}_first_s']:.1f} s)",
+        flush=True)
 
 
 def rel(a, b) -> float:
@@ -158,45 +174,76 @@ def op_cost(b, t, h, d, chunk=64):
   return flops, b * t * h * (4 * d * 2 + 2 * 4)
 
 
-def bench(report: dict, repeats: int, shapes) -> None:
-  gdn = OpConfig(64, "exact", "l2", "after", grad_at_retained=True)
-  titans = OpConfig(64, "boundary", "l2", "after", momentum=True)
-  try:
-    from jla.ops import linear_attention  # pylint: disable=import-outside-toplevel
-  except ImportError as error:
-    linear_attention = None
-    report["jla"] = f"not importable: {error}"
+VARIANTS = {  # label: (op, launch options) of our kernel in --bench
+    "pallas_gdn": ("gdn", {}),
+    "pallas_gdn_stage1_pallas": ("gdn", {"stage1": "pallas"}),
+    "pallas_titans_momentum": ("titans", {}),
+    "pallas_titans_momentum_stage1_pallas": ("titans", {"stage1": "pallas"}),
+}
+PEERS = ("chunked", "jla")
+BENCH_OPS = {"gdn": OpConfig(64, "exact", "l2", "after", grad_at_retained=True),
+             "titans": OpConfig(64, "boundary", "l2", "after", momentum=True)}
+
+
+def stage1_only(config: OpConfig, inp: LevelInputs, stage1: str):
+  """Jitted forward and gradient of stage 1 alone (the per-chunk coefficients), for the
+  breakdown of a variant's time; inputs ``[B, T, H, ·]`` with ``T % chunk == 0``."""
+  size = config.chunk
+  mask = jnp.ones(inp.eta.shape, inp.eta.dtype)
+  chunked = lambda x: jnp.moveaxis(x.reshape((x.shape[0], -1, size) + x.shape[2:]), 3, 1)
+
+  def fwd(i):
+    args = (i.k, i.v, i.q, i.eta, i.alpha, i.beta, mask)
+    if stage1 == "pallas":
+      return prepare_pallas(config, *args, interpret=launch_options().interpret)
+    return prepare(config, *(chunked(x) for x in args))
+
+  def loss(i):
+    return sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(fwd(i)))
+  return jax.jit(fwd), jax.jit(jax.grad(loss))
+
+
+def bench(report: dict, repeats: int, shapes, variants: list[str], peers: list[str],
+          breakdown: bool) -> None:
+  linear_attention = None
+  if "jla" in peers:
+    try:
+      from jla.ops import linear_attention  # pylint: disable=import-outside-toplevel
+    except ImportError as error:
+      report["jla"] = f"not importable: {error}"
   rows = []
   for (b, t, h, d) in shapes:
     inp = inputs(jax.random.PRNGKey(0), b, t, h, d, jnp.bfloat16)
     dy = jax.random.normal(jax.random.PRNGKey(9), (b, t, h, d), jnp.bfloat16)
     s0 = jnp.zeros((b, h, d, d))
     row = {"shape": f"{b}x{t}x{h}x{d}"}
+    print("bench", row["shape"], flush=True)
 
-    def ours(config, **launch):
-      def fwd(i):
+    for label in variants:
+      op, launch = VARIANTS[label]
+      config = BENCH_OPS[op]
+
+      def fwd(i, config=config, launch=launch):
         return matrix_memory(config, *i, s0, s0 if config.momentum else None, **launch)[0]
-      def loss(i):
+      def loss(i, fwd=fwd):
         return jnp.sum(fwd(i).astype(jnp.float32) * dy.astype(jnp.float32))
-      return jax.jit(fwd), jax.jit(jax.grad(loss))
+      record(row, f"{label}_fwd", jax.jit(fwd), inp, repeats=repeats)
+      record(row, f"{label}_fwdbwd", jax.jit(jax.grad(loss)), inp, repeats=repeats)
+      if breakdown:
+        f1, g1 = stage1_only(config, inp, launch.get("stage1", "jax"))
+        record(row, f"{label}_stage1_fwd", f1, inp, repeats=repeats)
+        record(row, f"{label}_stage1_fwdbwd", g1, inp, repeats=repeats)
+    if "chunked" in peers and t in (2048, 16384):  # slow: two shapes suffice for the ratio
+      level = compositions.gated_deltanet(d, d, h, 64)
+      state = level.init_state({"w": jnp.zeros((h, d, d))}, b)
 
-    for label, config, launch in (("pallas_gdn", gdn, {}),
-                                  ("pallas_gdn_stage1_pallas", gdn, {"stage1": "pallas"}),
-                                  ("pallas_titans_momentum", titans, {})):
-      f, g = ours(config, **launch)
-      row[f"{label}_fwd_ms"] = timed(f, inp, repeats=repeats)
-      row[f"{label}_fwdbwd_ms"] = timed(g, inp, repeats=repeats)
-    level = compositions.gated_deltanet(d, d, h, 64)
-    state = level.init_state({"w": jnp.zeros((h, d, d))}, b)
-
-    def chunked_fwd(i):
-      return level.run(state, i, impl="chunked", aligned=True)[1]
-    def chunked_loss(i):
-      return jnp.sum(chunked_fwd(i) * dy.astype(jnp.float32))
-    if t in (2048, 16384):  # slow to compile and run: two shapes suffice for the ratio
-      row["chunked_jax_gdn_fwd_ms"] = timed(jax.jit(chunked_fwd), inp, repeats=max(3, repeats // 5))
-      row["chunked_jax_gdn_fwdbwd_ms"] = timed(jax.jit(jax.grad(chunked_loss)), inp,
-                                               repeats=max(3, repeats // 5))
+      def chunked_fwd(i):
+        return level.run(state, i, impl="chunked", aligned=True)[1]
+      def chunked_loss(i):
+        return jnp.sum(chunked_fwd(i) * dy.astype(jnp.float32))
+      slow = max(3, repeats // 5)
+      record(row, "chunked_jax_gdn_fwd", jax.jit(chunked_fwd), inp, repeats=slow)
+      record(row, "chunked_jax_gdn_fwdbwd", jax.jit(jax.grad(chunked_loss)), inp, repeats=slow)
     if linear_attention is not None:
       g_log = jnp.log(inp.alpha)
       for impl in ("mosaic_gpu", "chunked"):
@@ -206,30 +253,34 @@ def bench(report: dict, repeats: int, shapes) -> None:
           def jloss(q, k, v, g_, beta, jfwd=jfwd):
             return jnp.sum(jfwd(q, k, v, g_, beta).astype(jnp.float32) * dy.astype(jnp.float32))
           args = (inp.q, inp.k, inp.v, g_log, inp.eta)
-          row[f"jla_{impl}_fwd_ms"] = timed(jax.jit(jfwd), *args, repeats=repeats)
-          row[f"jla_{impl}_fwdbwd_ms"] = timed(jax.jit(jax.grad(jloss, (0, 1, 2, 3, 4))), *args,
-                                               repeats=repeats)
+          record(row, f"jla_{impl}_fwd", jax.jit(jfwd), *args, repeats=repeats)
+          record(row, f"jla_{impl}_fwdbwd", jax.jit(jax.grad(jloss, (0, 1, 2, 3, 4))), *args,
+                 repeats=repeats)
         except Exception as error:  # a peer failing must not hide our numbers; recorded
           row[f"jla_{impl}_error"] = repr(error)[:300]
     flops, nbytes = op_cost(b, t, h, d)
-    fwd_s = row["pallas_gdn_fwd_ms"] / 1e3
-    row["pallas_gdn_fwd_tflops"] = flops / fwd_s / 1e12
-    row["pallas_gdn_fwd_gbps"] = nbytes / fwd_s / 1e9
+    for label in variants:
+      if VARIANTS[label][0] == "gdn":
+        fwd_s = row[f"{label}_fwd_ms"] / 1e3
+        row[f"{label}_fwd_tflops"] = flops / fwd_s / 1e12
+        row[f"{label}_fwd_gbps"] = nbytes / fwd_s / 1e9
     rows.append(row)
     print("bench", row, flush=True)
   report["bench"] = rows
 
 
 def table(report: dict) -> str:
-  cols = ["pallas_gdn", "pallas_gdn_stage1_pallas", "pallas_titans_momentum", "chunked_jax_gdn",
-          "jla_mosaic_gpu", "jla_chunked"]
+  cols = list(VARIANTS) + [f"{label}_stage1" for label in VARIANTS] + [
+      "chunked_jax_gdn", "jla_mosaic_gpu", "jla_chunked"]
+  rows = report.get("bench", [])
+  cols = [c for c in cols if any(f"{c}_fwd_ms" in row for row in rows)]
   lines = ["| shape | " + " | ".join(f"{c} fwd / fwd+bwd ms" for c in cols) + " |",
            "|" + "---|" * (len(cols) + 1)]
-  for row in report.get("bench", []):
+  for row in rows:
     cells = []
     for c in cols:
       f, fb = row.get(f"{c}_fwd_ms"), row.get(f"{c}_fwdbwd_ms")
-      cells.append("-" if f is None else f"{f:.2f} / {fb:.2f}")
+      cells.append("-" if f is None else f"{f:.2f} / {fb:.2f}" if fb else f"{f:.2f} / -")
     lines.append(f"| {row['shape']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -239,10 +290,17 @@ def main() -> None:
   parser.add_argument("--check", action="store_true")
   parser.add_argument("--cases", default=",".join(map(str, range(len(CHECK_CASES)))),
                       help="indices into CHECK_CASES for --check")
-  parser.add_argument("--shapes", default="0,1,2,3", help="indices into SHAPES for --bench")
+  parser.add_argument("--shapes", default="0,1,2,3",
+                      help="indices into SHAPES, or BxTxHxD shapes, for --bench")
   parser.add_argument("--stage1", default="jax", choices=("jax", "pallas"),
                       help="stage 1 the --check runs")
   parser.add_argument("--bench", action="store_true")
+  parser.add_argument("--variants", default=",".join(VARIANTS),
+                      help=f"our kernel variants for --bench, from {','.join(VARIANTS)}")
+  parser.add_argument("--peers", default=",".join(PEERS),
+                      help=f"peers for --bench, from {','.join(PEERS)} (empty: none)")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also time stage 1 alone for each variant")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--out", default="benchmarks")
   args = parser.parse_args()
@@ -252,7 +310,15 @@ def main() -> None:
     check(report, [int(i) for i in args.cases.split(",")], args.stage1)
   if args.bench:
     ceilings(report, args.repeats)
-    bench(report, args.repeats, [SHAPES[int(i)] for i in args.shapes.split(",")])
+    variants = [v for v in args.variants.split(",") if v]
+    peers = [p for p in args.peers.split(",") if p]
+    for name, allowed, given in (("--variants", VARIANTS, variants), ("--peers", PEERS, peers)):
+      if unknown := [x for x in given if x not in allowed]:
+        parser.error(f"{name}: unknown {unknown}; allowed: {', '.join(allowed)}")
+    shapes = [tuple(map(int, x.split("x"))) if "x" in x else SHAPES[int(x)]
+              for x in args.shapes.split(",")]
+    bench(report, args.repeats, shapes, variants,
+          peers, args.breakdown)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "kernels_matrix_memory.json"), "w") as f:
     json.dump(report, f, indent=1)
