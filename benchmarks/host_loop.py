@@ -1,9 +1,10 @@
 """Host-loop overhead of ``nlj.train.train``: the full loop per step vs its jitted step alone.
 
-Usage: ``python benchmarks/host_loop.py [--families transformer,gated_deltanet --batch 16
---seq 128 --steps 60 --log-every 10 --repeats 5 --out FILE]``. Prints a table and writes JSON.
+Usage: ``python benchmarks/host_loop.py [--families transformer,gated_deltanet --size tiny
+--batch 16 --seq 128 --steps 60 --log-every 10 --repeats 5 --out FILE]``. Prints a table and
+writes JSON.
 
-For each family's ``tiny`` preset and each repeat:
+For each family's ``--size`` preset (byte tokens) and each repeat:
 
 * loop: ``train()`` of ``steps`` steps in a fresh workdir (checkpoint at the end only, one
   validation batch); its per-step time is the wall time of the log intervals after the first
@@ -83,7 +84,7 @@ def time_step_alone(step: Callable, state: TrainState, batch: jax.Array, count: 
 
 
 def measure(family: str, args: argparse.Namespace) -> dict:
-  config = TrainConfig(family=family, size="tiny", steps=args.steps, batch_size=args.batch,
+  config = TrainConfig(family=family, size=args.size, steps=args.steps, batch_size=args.batch,
                        seq_len=args.seq, warmup=1, log_every=args.log_every,
                        checkpoint_every=args.steps, eval_batches=1, mesh="data:-1")
   alone, logged, every_step = [], [], []
@@ -105,6 +106,7 @@ def measure(family: str, args: argparse.Namespace) -> dict:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--families", default="transformer,gated_deltanet")
+  parser.add_argument("--size", default="tiny", help="model preset size")
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--seq", type=int, default=128)
   parser.add_argument("--steps", type=int, default=60)

@@ -176,6 +176,7 @@ def op_cost(b, t, h, d, chunk=64):
 
 VARIANTS = {  # label: (op, launch options) of our kernel in --bench
     "pallas_gdn": ("gdn", {}),
+    "pallas_gdn_blocked_inverse": ("gdn", {"inverse": "blocked"}),
     "pallas_gdn_stage1_pallas": ("gdn", {"stage1": "pallas"}),
     "pallas_titans_momentum": ("titans", {}),
     "pallas_titans_momentum_stage1_pallas": ("titans", {"stage1": "pallas"}),
@@ -185,7 +186,7 @@ BENCH_OPS = {"gdn": OpConfig(64, "exact", "l2", "after", grad_at_retained=True),
              "titans": OpConfig(64, "boundary", "l2", "after", momentum=True)}
 
 
-def stage1_only(config: OpConfig, inp: LevelInputs, stage1: str):
+def stage1_only(config: OpConfig, inp: LevelInputs, stage1: str = "jax", inverse: str = "solve"):
   """Jitted forward and gradient of stage 1 alone (the per-chunk coefficients), for the
   breakdown of a variant's time; inputs ``[B, T, H, ·]`` with ``T % chunk == 0``."""
   size = config.chunk
@@ -196,7 +197,7 @@ def stage1_only(config: OpConfig, inp: LevelInputs, stage1: str):
     args = (i.k, i.v, i.q, i.eta, i.alpha, i.beta, mask)
     if stage1 == "pallas":
       return prepare_pallas(config, *args, interpret=launch_options().interpret)
-    return prepare(config, *(chunked(x) for x in args))
+    return prepare(config, *(chunked(x) for x in args), inverse=inverse)
 
   def loss(i):
     return sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(fwd(i)))
@@ -230,7 +231,7 @@ def bench(report: dict, repeats: int, shapes, variants: list[str], peers: list[s
       record(row, f"{label}_fwd", jax.jit(fwd), inp, repeats=repeats)
       record(row, f"{label}_fwdbwd", jax.jit(jax.grad(loss)), inp, repeats=repeats)
       if breakdown:
-        f1, g1 = stage1_only(config, inp, launch.get("stage1", "jax"))
+        f1, g1 = stage1_only(config, inp, **launch)
         record(row, f"{label}_stage1_fwd", f1, inp, repeats=repeats)
         record(row, f"{label}_stage1_fwdbwd", g1, inp, repeats=repeats)
     if "chunked" in peers and t in (2048, 16384):  # slow: two shapes suffice for the ratio

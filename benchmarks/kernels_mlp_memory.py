@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import jax
@@ -36,6 +35,7 @@ import numpy as np
 from nlj.core import L2, Level, LevelInputs, MLPMemory, Rule, compositions
 from nlj.core.reference import run_reference
 from nlj_kernels.mlp_memory import run_level
+from timing import timed
 
 SELFMOD_RULE = Rule("dgd", momentum=True, dgd_variant="plain")
 CHECK_CASES = {  # name -> (level, batch, length)
@@ -58,19 +58,6 @@ BENCH_CASES = {
 BENCH_SHAPE = (8, 2048)  # batch, length
 PRECISIONS = {"default": None, "highest": jax.lax.Precision.HIGHEST,
               "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
-
-
-def timed(f, *args, repeats: int) -> tuple[float, float]:
-  """``(first call's seconds, median milliseconds of the next ``repeats`` calls)``."""
-  start = time.perf_counter()
-  jax.block_until_ready(f(*args))
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - start)
-  return first, 1e3 * statistics.median(times)
 
 
 def rel(a, b) -> float:

@@ -13,79 +13,17 @@ backward cannot drift from the plain-JAX stage 1 they are tested against.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from nlj_kernels.matrix_memory.contract import OpConfig
+from nlj_kernels.matrix_memory.inverse import blocked_inverse, given_inverse
 from nlj_kernels.matrix_memory.pallas_recurrence import compiler_params
 from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, chunk_coefficients
 
-__all__ = ["blocked_inverse", "prepare_pallas"]
-
-_BLOCK = 16
-
-
-def _tril_blocks(size: int, block: int) -> jax.Array:
-  rows = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
-  cols = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
-  return rows // block == cols // block
-
-
-def _neumann(x: jax.Array, terms: int) -> jax.Array:
-  """``Σ_{j < terms} (-x)^j = (I - x)(I + x²)(I + x⁴)...`` for nilpotent ``x`` (``x^terms = 0``)."""
-  size = x.shape[0]
-  eye = (jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
-         == jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)).astype(x.dtype)
-  out, power = eye - x, x
-  for _ in range(max(0, int(math.log2(terms)) - 1)):
-    power = jnp.dot(power, power)
-    out = out + jnp.dot(out, power)
-  return out
-
-
-def blocked_inverse(n: jax.Array) -> jax.Array:
-  """``(I + N)⁻¹`` of strictly lower-triangular ``N [C, C]`` with products only.
-
-  The 16×16 diagonal blocks ``D = (I + N_d)⁻¹`` come from the exact nilpotent series (4 factors);
-  the blocks then combine by block forward substitution, ``(I + N)⁻¹ = (I + D N_o)⁻¹ D`` with
-  ``D N_o`` strictly block-lower (another exact series over ``C / 16`` block rows). Rounding grows
-  with the series' terms: at worst ``~binom(15, 7) ε`` inside a block for nearly identical keys
-  with steps near 1.
-  """
-  size = n.shape[0]
-  block = min(_BLOCK, size)
-  same = _tril_blocks(size, block)
-  d = _neumann(jnp.where(same, n, 0.0), block)
-  if size == block:
-    return d
-  x = jnp.dot(d, jnp.where(same, 0.0, n))
-  return jnp.dot(_neumann(x, size // block), d)
-
-
-@jax.custom_vjp
-def _given_inverse(n: jax.Array, t: jax.Array) -> jax.Array:
-  """``t = (I + n)⁻¹`` already computed; differentiates as the inverse does."""
-  del n
-  return t
-
-
-def _given_fwd(n, t):
-  del n
-  return t, t
-
-
-def _given_bwd(t, dt):
-  size = t.shape[0]
-  strictly_lower = (jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
-                    > jax.lax.broadcasted_iota(jnp.int32, (size, size), 1))
-  dn = -jnp.dot(t.T, jnp.dot(dt, t.T))
-  return jnp.where(strictly_lower, dn, 0.0), jnp.zeros_like(t)
-
-
-_given_inverse.defvjp(_given_fwd, _given_bwd)
+__all__ = ["prepare_pallas"]
 
 _TILE_FIELDS = ("kw", "vu", "qs", "p", "kd", "qm", "km")
 _SCALAR_FIELDS = ("gs", "mc", "gm")
@@ -149,7 +87,7 @@ def _backward_kernel(*refs, config: OpConfig, n_out: int):
   cots, grads = refs[:n_out], refs[n_out:]
   k, v, q, eta, alpha, beta, mask = _load(ins)
   t = None if t_ref is None else t_ref[...]
-  inverse = lambda n: _given_inverse(n, t)
+  inverse = lambda n: given_inverse(n, t)
 
   def f(k, v, q, eta, alpha, beta):
     coeffs = chunk_coefficients(config, inverse, k, v, q, eta, alpha, beta, mask)

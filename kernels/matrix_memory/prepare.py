@@ -24,7 +24,8 @@ add no momentum to ``S``, are zero columns of ``Γ``); then ``Vu = s ⊙ V``,
 The equations are written once, for one chunk (:func:`chunk_coefficients`, 2-D tiles, only
 operations Pallas lowers: products, ``exp``/``log``, masks, row sums; cumulative sums are masked
 sums), with the triangular inverse ``T`` passed in: :func:`prepare` maps it over
-``[batch, heads, chunks]`` with a triangular solve (plain JAX), and
+``[batch, heads, chunks]`` with a triangular solve or the products-only blocked inverse (plain
+JAX; :mod:`nlj_kernels.matrix_memory.inverse`), and
 :mod:`nlj_kernels.matrix_memory.pallas_prepare` runs it inside Pallas kernels with a blocked
 in-kernel inverse.
 """
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 
 from nlj.core.rules import Rule
 from nlj_kernels.matrix_memory.contract import OpConfig
+from nlj_kernels.matrix_memory.inverse import INVERSES
 
 __all__ = ["ChunkCoefficients", "prepare"]
 
@@ -155,25 +157,24 @@ def chunk_coefficients(config: OpConfig, inverse: Inverse, k: jax.Array, v: jax.
       kd=jnp.exp(_last(log_g) - log_g)[:, None] * k, gs=gs, ka=ka)
 
 
-def solve_inverse(n: jax.Array) -> jax.Array:
-  """``(I + N)⁻¹`` by a triangular solve (plain JAX; stable for any ``N``)."""
-  eye = jnp.eye(n.shape[-1], dtype=n.dtype)
-  return jax.scipy.linalg.solve_triangular(eye + n, eye, lower=True, unit_diagonal=True)
-
-
 def prepare(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta: jax.Array,
-            alpha: jax.Array, beta: jax.Array, mask: jax.Array) -> ChunkCoefficients:
+            alpha: jax.Array, beta: jax.Array, mask: jax.Array,
+            inverse: str = "solve") -> ChunkCoefficients:
   """Stage-1 coefficients of every chunk in plain JAX.
 
   Args:
     config: the op.
     k, q: ``[B, H, N, C, d_k]``; v: ``[B, H, N, C, d_v]``; eta, alpha, beta, mask:
       ``[B, H, N, C]`` (see :func:`chunk_coefficients`).
+    inverse: how ``T = (I + N)⁻¹`` is computed, a key of
+      :data:`nlj_kernels.matrix_memory.inverse.INVERSES` (``"solve"`` or ``"blocked"``).
 
   Returns:
     :class:`ChunkCoefficients` with leading ``[B, H, N]`` axes, in float32 (float64 stays).
   """
   f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
   args = tuple(map(f32, (k, v, q, eta, alpha, beta, mask)))
-  one = lambda *a: chunk_coefficients(config, solve_inverse, *a)
+  if inverse not in INVERSES:
+    raise ValueError(f"inverse must be one of {tuple(INVERSES)}, got {inverse!r}")
+  one = lambda *a: chunk_coefficients(config, INVERSES[inverse], *a)
   return jax.vmap(jax.vmap(jax.vmap(one)))(*args)

@@ -20,6 +20,7 @@ from nlj.core.chunked import chunk_layout
 from nlj.core.level import Level, LevelInputs, LevelState
 from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.contract import OpConfig, op_config
+from nlj_kernels.matrix_memory.inverse import INVERSES
 from nlj_kernels.matrix_memory.pallas_prepare import prepare_pallas
 from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, prepare
 from nlj_kernels.matrix_memory.recurrence import chunk_recurrence
@@ -35,6 +36,7 @@ class Launch(NamedTuple):
   interpret: bool
   backend: str
   stage1: str
+  inverse: str
 
 
 STAGE1 = ("pallas", "jax")
@@ -42,7 +44,7 @@ STAGE1 = ("pallas", "jax")
 
 def launch_options(block_v: int | None = None, num_warps: int = 4,
                    interpret: bool | None = None, backend: str | None = None,
-                   stage1: str | None = None) -> Launch:
+                   stage1: str | None = None, inverse: str = "solve") -> Launch:
   """Launch options with defaults for the running platform.
 
   Args:
@@ -54,6 +56,8 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
     stage1: ``"jax"`` (:mod:`.prepare`, the default) or ``"pallas"`` (:mod:`.pallas_prepare`,
       Triton only; opt-in until its GPU check has run: it has compiled and trained a model on an
       H100, but ``benchmarks/kernels_matrix_memory.py --check`` has not yet run it).
+    inverse: the plain-JAX stage 1's triangular inverse, ``"solve"`` or ``"blocked"``
+      (:mod:`nlj_kernels.matrix_memory.inverse`; the Pallas stage 1 always uses ``"blocked"``).
   """
   platform = jax.default_backend()
   backend = backend or ("tpu" if platform == "tpu" else "triton")
@@ -65,7 +69,9 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
   if stage1 not in STAGE1 or (stage1 == "pallas" and backend != "triton"):
     raise ValueError(f"stage1 must be one of {STAGE1} ('pallas' with backend='triton' only), "
                      f"got stage1={stage1!r} with backend={backend!r}")
-  return Launch(block_v, num_warps, interpret, backend, stage1)
+  if inverse not in INVERSES:
+    raise ValueError(f"inverse must be one of {tuple(INVERSES)}, got {inverse!r}")
+  return Launch(block_v, num_warps, interpret, backend, stage1, inverse)
 
 
 def _block_v(d_v: int, block_v: int | None) -> int:
@@ -153,7 +159,7 @@ def _run(config: OpConfig, k, v, q, eta, alpha, beta, s0, anchor0, m0, phase, al
     coeffs = prepare_pallas(config, *padded, num_warps=launch.num_warps,
                             interpret=launch.interpret, backend=launch.backend)
   else:
-    coeffs = prepare(config, *(_to_chunks(x, size) for x in padded))
+    coeffs = prepare(config, *(_to_chunks(x, size) for x in padded), inverse=launch.inverse)
   f32 = jnp.promote_types(s0.dtype, jnp.float32)
   s0, anchor0 = s0.astype(f32), anchor0.astype(f32)
   m0 = None if m0 is None else m0.astype(f32)

@@ -19,8 +19,8 @@ from nlj.core.objectives import L2, DotProduct, Huber
 from nlj.core.reference import run_reference
 from nlj_kernels.matrix_memory import OpConfig, matrix_memory, run_level, unsupported_reason
 from nlj_kernels.matrix_memory import pallas_recurrence
-from nlj_kernels.matrix_memory.pallas_prepare import blocked_inverse
-from nlj_kernels.matrix_memory.prepare import prepare, solve_inverse
+from nlj_kernels.matrix_memory.inverse import blocked_inverse, solve_inverse
+from nlj_kernels.matrix_memory.prepare import prepare
 from tests.core.helpers import max_diff, random_inputs, slice_inputs
 
 # (objective, rule, semantics, read): every combination the kernel covers, by family
@@ -37,6 +37,11 @@ COVERED = {
     "titans_momentum_before": (L2(), Rule("gd", momentum=True), "boundary", "before"),
     "titans_momentum_boundary_read": (L2(), Rule("gd", momentum=True), "boundary", "boundary"),
 }
+
+
+# stage-1 paths: plain JAX with the solve or the products-only inverse, and the Pallas kernels
+STAGE1_PATHS = {"jax": {"stage1": "jax"}, "jax_blocked": {"stage1": "jax", "inverse": "blocked"},
+                "pallas": {"stage1": "pallas"}}
 
 
 def make_level(name: str, d_in: int = 16, d_out: int = 32, chunk: int = 16, heads: int = 2):
@@ -76,7 +81,8 @@ def test_equals_reference_streaming_in_pieces(name, stage1):
 @pytest.mark.parametrize("name", ["gated_deltanet", "titans_momentum", "dgd_normalized"])
 @pytest.mark.parametrize("d_in,d_out,batch,seq,chunk,stage1", [
     (32, 16, 1, 64, 16, "pallas"), (16, 64, 3, 96, 32, "pallas"), (16, 32, 2, 64, 64, "pallas"),
-    (16, 64, 3, 48, 16, "jax"), (16, 32, 2, 64, 64, "jax")])
+    (16, 64, 3, 48, 16, "jax"), (16, 32, 2, 64, 64, "jax"), (16, 32, 2, 128, 64, "jax_blocked"),
+    (32, 16, 1, 64, 32, "jax_blocked")])
 def test_aligned_equals_reference(name, d_in, d_out, batch, seq, chunk, stage1):
   with jax.enable_x64(True):
     level = make_level(name, d_in, d_out, chunk)
@@ -84,7 +90,7 @@ def test_aligned_equals_reference(name, d_in, d_out, batch, seq, chunk, stage1):
     _, state = random_state(level, batch)
     want_state, want_y = run_reference(level, state, inputs)
     got_state, got_y = run_level(level, state, inputs, aligned=True, interpret=True, block_v=16,
-                                 stage1=stage1)
+                                 **STAGE1_PATHS[stage1])
     assert max_diff(got_y, want_y) < 1e-10
     assert_states_close(got_state, want_state, 1e-10)
 
@@ -110,7 +116,7 @@ def _loss(level, runner, params, inputs, batch):
   return jnp.sum(y * weights) + jnp.sum(state.memory["w"] ** 2) + extra
 
 
-@pytest.mark.parametrize("stage1", ["jax", "pallas"])
+@pytest.mark.parametrize("stage1", sorted(STAGE1_PATHS))
 @pytest.mark.parametrize("name", ["gated_deltanet", "titans_momentum_before", "dgd_normalized",
                                   "gd_boundary_read"])
 def test_gradients_equal_reference(name, stage1):
@@ -120,7 +126,7 @@ def test_gradients_equal_reference(name, stage1):
     params, _ = random_state(level, 2)
     grad = lambda runner: jax.grad(lambda p, i: _loss(level, runner, p, i, 2), (0, 1))(
         params, inputs)
-    kernel = lambda *a: run_level(*a, interpret=True, stage1=stage1)
+    kernel = lambda *a: run_level(*a, interpret=True, **STAGE1_PATHS[stage1])
     assert max_diff(grad(kernel), grad(run_reference)) < 1e-9
 
 
@@ -260,6 +266,8 @@ def test_launch_options_name_bad_backends():
     run_level(make_level("gated_deltanet"), None, None, backend="cuda")
   with pytest.raises(ValueError, match="stage1 must be one of"):
     run_level(make_level("gated_deltanet"), None, None, backend="tpu", stage1="pallas")
+  with pytest.raises(ValueError, match="inverse must be one of"):
+    run_level(make_level("gated_deltanet"), None, None, inverse="lu")
 
 
 @pytest.mark.parametrize("size", [16, 32, 64, 128])

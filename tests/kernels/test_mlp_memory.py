@@ -4,23 +4,27 @@ Every rule (GD, the three DGD variants, with and without momentum) and read is c
 outputs and states (memory, momentum, anchor, phase) when a sequence is streamed in pieces from
 phase 0 and mid-chunk; memory variants (layers 1-3, identity / skip / no residual, activations,
 padded dimensions and chunks) likewise; gradients against ``jax.grad`` of the reference and
-numerically; the dispatcher; uncovered levels; and that both kernels lower to Triton for a
-Hopper GPU with every ``dot`` on power-of-two tiles of at least 16.
+numerically; the dispatcher; the whole self-modifying Titans layer against its chunked form;
+uncovered levels; and that both kernels lower to Triton for a Hopper GPU with every ``dot`` on
+power-of-two tiles of at least 16.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 from jax.test_util import check_grads
 
 from nlj.core import Level, MatrixMemory, MLPMemory, Rule, compositions
 from nlj.core.dispatch import resolve
 from nlj.core.objectives import L2, Huber
 from nlj.core.reference import run_reference
+from nlj.layers.selfmod import SelfModConfig, SelfModifyingTitans
 from nlj_kernels.mlp_memory import KERNEL, run_level, unsupported_reason
 from tests.core.helpers import max_diff, random_inputs, slice_inputs
 
@@ -194,6 +198,27 @@ def test_dispatcher_takes_the_kernel_for_covered_levels():
     exact = Level(MLPMemory(16, 16, 32), L2(), Rule("gd"), 16, "exact", heads=2)
     with pytest.raises(ValueError, match="no registered kernel covers memory=MLPMemory"):
       exact.run(exact.init_state(exact.init(jax.random.PRNGKey(0)), 1), inputs, impl="pallas")
+
+
+def test_selfmod_layer_under_pallas_equals_chunked():
+  """The whole self-modifying Titans mixer with ``impl="pallas"``: the kernel runs all five
+  memories (each stepped one chunk at a time inside the nested scan, and token by token in the
+  tail of 3 tokens after two whole chunks) with the chunked layer's outputs and gradients."""
+  with jax.enable_x64(True):
+    config = SelfModConfig(d_model=16, heads=2, chunk_memory=8, chunk_other=4, eta_scale=0.3,
+                           impl="chunked")
+    x = jax.random.normal(jax.random.key(0), (2, 19, 16), jnp.float64)
+    grads, outputs = [], []
+    for impl in ("chunked", "pallas"):
+      layer = SelfModifyingTitans(dataclasses.replace(config, impl=impl), nnx.Rngs(0),
+                                  param_dtype=jnp.float64)
+      graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+      fwd = lambda p, graphdef=graphdef, rest=rest: nnx.merge(graphdef, p, rest)(x)[0]
+      outputs.append(jax.jit(fwd)(params))
+      grads.append(jax.jit(jax.grad(lambda p, fwd=fwd: jnp.sum(jnp.sin(fwd(p)))))(params))
+    assert all(resolve(level, "pallas") is KERNEL.run for level in layer.levels.values())
+    assert max_diff(outputs[1], outputs[0]) < 1e-10
+    assert max_diff(grads[1], grads[0]) < 1e-10
 
 
 @pytest.mark.parametrize("level,reason", [

@@ -1,0 +1,96 @@
+"""Where the GPU time of a jitted function goes: device kernels by total time, from a JAX
+profiler trace (CUPTI) of a few calls.
+
+    python benchmarks/profile_kernels.py --what=gdn_fwdbwd --shape=8x2048x16x128 --out=DIR
+
+``--what`` names a function of :data:`TARGETS` (the matrix-memory op at Gated DeltaNet or
+Titans-momentum semantics, forward or forward+backward, with ``--stage1``). Prints the top
+kernels (name, calls, total and mean µs, share of the device time) and writes them as JSON
+beside the raw trace (``DIR/trace``, a Perfetto ``.json.gz`` that ui.perfetto.dev opens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.kernels_matrix_memory import BENCH_OPS, inputs
+from nlj_kernels.matrix_memory import matrix_memory
+
+TARGETS = ("gdn_fwd", "gdn_fwdbwd", "titans_fwd", "titans_fwdbwd")
+
+
+def build(what: str, shape: tuple[int, int, int, int], **launch):
+  """A jitted ``f(inputs)`` and its arguments for target ``what``."""
+  b, t, h, d = shape
+  config = BENCH_OPS[what.split("_")[0]]
+  inp = inputs(jax.random.PRNGKey(0), b, t, h, d, jnp.bfloat16)
+  dy = jax.random.normal(jax.random.PRNGKey(9), (b, t, h, d), jnp.float32)
+  s0 = jnp.zeros((b, h, d, d))
+
+  def fwd(i):
+    return matrix_memory(config, *i, s0, s0 if config.momentum else None, **launch)[0]
+  if what.endswith("fwdbwd"):
+    return jax.jit(jax.grad(lambda i: jnp.sum(fwd(i).astype(jnp.float32) * dy))), inp
+  return jax.jit(fwd), inp
+
+
+def device_kernels(trace_dir: str) -> list[dict]:
+  """Kernel rows ``{name, calls, total_us}`` of the newest Perfetto trace under ``trace_dir``,
+  from the trace's GPU processes (names holding "GPU" or "stream")."""
+  paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
+                 key=os.path.getmtime)
+  if not paths:
+    raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
+  with gzip.open(paths[-1], "rt") as f:
+    events = json.load(f)["traceEvents"]
+  gpu = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+         and any(s in str(e.get("args", {}).get("name", "")) for s in ("GPU", "stream"))}
+  totals, calls = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in gpu:
+      totals[e["name"]] += float(e.get("dur", 0.0))
+      calls[e["name"]] += 1
+  return [{"name": n, "calls": calls[n], "total_us": us} for n, us in totals.most_common()]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--what", default="gdn_fwdbwd", choices=TARGETS)
+  parser.add_argument("--shape", default="8x2048x16x128", help="BxTxHxD")
+  parser.add_argument("--stage1", default=None, help="launch option stage1 (default: the op's)")
+  parser.add_argument("--inverse", default=None, help="launch option inverse (default: the op's)")
+  parser.add_argument("--calls", type=int, default=5)
+  parser.add_argument("--top", type=int, default=25)
+  parser.add_argument("--out", default="/tmp/profile_kernels")
+  args = parser.parse_args()
+  launch = {k: v for k, v in (("stage1", args.stage1), ("inverse", args.inverse)) if v}
+  f, inp = build(args.what, tuple(map(int, args.shape.split("x"))), **launch)
+  jax.block_until_ready(f(inp))  # compile outside the trace
+  trace_dir = os.path.join(args.out, "trace")
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(args.calls):
+      out = f(inp)
+    jax.block_until_ready(out)
+  rows = device_kernels(trace_dir)
+  total = sum(r["total_us"] for r in rows) or 1.0
+  with open(os.path.join(args.out, f"{args.what}.json"), "w") as fh:
+    json.dump({"what": args.what, "shape": args.shape, "launch": launch, "calls": args.calls,
+               "kernels": rows}, fh, indent=1)
+  print(f"{args.what} {args.shape} {launch}: device time per call "
+        f"{total / args.calls:.1f} µs over {len(rows)} kernel names")
+  print("| kernel | calls/call | µs/call | share |\n|---|---:|---:|---:|")
+  for r in rows[:args.top]:
+    print(f"| {r['name'][:70]} | {r['calls'] / args.calls:.0f} | "
+          f"{r['total_us'] / args.calls:.1f} | {100 * r['total_us'] / total:.1f}% |")
+
+
+if __name__ == "__main__":
+  main()
