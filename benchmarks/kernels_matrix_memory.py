@@ -177,6 +177,9 @@ def op_cost(b, t, h, d, chunk=64):
 VARIANTS = {  # label: (op, launch options) of our kernel in --bench
     "pallas_gdn": ("gdn", {}),
     "pallas_gdn_blocked_inverse": ("gdn", {"inverse": "blocked"}),
+    "pallas_gdn_bv32": ("gdn", {"block_v": 32}),
+    "pallas_gdn_bv64_w8": ("gdn", {"num_warps": 8}),
+    "pallas_gdn_bv128_w8": ("gdn", {"block_v": 128, "num_warps": 8}),
     "pallas_gdn_stage1_pallas": ("gdn", {"stage1": "pallas"}),
     "pallas_titans_momentum": ("titans", {}),
     "pallas_titans_momentum_stage1_pallas": ("titans", {"stage1": "pallas"}),

@@ -13,12 +13,16 @@ start, carrying ``dS`` and ``dM``::
     dS = Qsᵀ dy + gs dS' - Kwᵀ dU ;  dM = Qmᵀ dy + mc dS' + gm dM'
     dVu = dU ; dKw = -dU Sᵀ ; dQs = dy Sᵀ ; dQm = dy Mᵀ ; dP = dy Uᵀ ; dKd = U dS'ᵀ ; dKm = U dM'ᵀ
 
-Gradients with a ``d_k`` or ``C`` column (``dKw, dQs, dKd, dQm, dKm, dP``) are partial sums over
-the program's ``d_v`` block, summed by the caller; the scalars' gradients are contractions of
-the stored states with the ``dS'``/``dM'`` the kernel writes per chunk, also done by the caller.
+    dgs = ⟨S, dS'⟩ ; dmc = ⟨M, dS'⟩ ; dgm = ⟨M, dM'⟩
+
+Gradients with a ``d_k`` or ``C`` column (``dKw, dQs, dKd, dQm, dKm, dP``) and the scalars'
+(contractions over the program's ``[d_k, BV]`` state block) are partial sums over the program's
+``d_v`` block, summed by the caller.
 
 The same kernel bodies are compiled through Triton on GPU (``backend="triton"``) or Mosaic on TPU
-(``backend="tpu"``: per-chunk scalars in SMEM, all grid axes parallel); ``interpret=True`` runs
+(``backend="tpu"``: per-chunk scalars in SMEM; the forward's grid axes are parallel, the
+backward's sequential, since its per-chunk scalar gradients are whole SMEM arrays that every
+program writes into); ``interpret=True`` runs
 either on any device (CPU in CI). Products follow ``jax_default_matmul_precision`` as XLA's do
 (tf32 for float32 operands on a GPU by default; ``jax.default_matmul_precision("highest")``
 gives full float32).
@@ -76,12 +80,28 @@ def _scalar_reader():
   return lambda ref, c: ref[b, h, c] if len(ref.shape) == 3 else ref[c]
 
 
-def compiler_params(backend: str, num_warps: int, grid_dims: int = 3):
-  """Triton or Mosaic-TPU parameters; every grid axis is parallel (programs are independent)."""
+def _scalar_writer():
+  """``write(ref, c, x)``: chunk ``c``'s scalar into a ``[N]`` block or, on TPU, into the whole
+  ``[d_v blocks, B, H, N]`` array at this program's (block, batch, head); top level only, as
+  :func:`_scalar_reader`."""
+  b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+  def write(ref, c, x):
+    if len(ref.shape) == 4:
+      ref[j, b, h, c] = x
+    else:
+      ref[c] = x
+  return write
+
+
+def compiler_params(backend: str, num_warps: int, grid_dims: int = 3, parallel: bool = True):
+  """Triton or Mosaic-TPU parameters; on TPU every grid axis is parallel (programs are
+  independent) unless ``parallel=False``."""
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if backend == "tpu":
-    return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_dims)
+    kind = "parallel" if parallel else "arbitrary"
+    return pltpu.CompilerParams(dimension_semantics=(kind,) * grid_dims)
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
@@ -200,10 +220,10 @@ def _backward_kernel(*refs, n: int, momentum: bool):
   ins, outs = refs[:nin], refs[nin:]
   states_ref, dy_ref, ds_end_ref = ins[:3]
   mstates_ref, dm_end_ref = (ins[3], ins[4]) if momentum else (None, None)
-  dvu_ref, dkw_ref, dqs_ref, dp_ref, dkd_ref, ds_next_ref, ds0_ref = outs[:7]
-  dqm_ref, dkm_ref, dm_next_ref, dm0_ref = outs[7:] if momentum else (None,) * 4
+  dvu_ref, dkw_ref, dqs_ref, dp_ref, dkd_ref, dgs_ref, ds0_ref = outs[:7]
+  dqm_ref, dkm_ref, dmc_ref, dgm_ref, dm0_ref = outs[7:] if momentum else (None,) * 5
   cdt = kw_ref.dtype
-  scalar = _scalar_reader()
+  scalar, write = _scalar_reader(), _scalar_writer()
 
   def body(i, carry):
     c = n - 1 - i
@@ -216,14 +236,15 @@ def _backward_kernel(*refs, n: int, momentum: bool):
     u_c = u.astype(cdt)
     ds_c = ds.astype(cdt)
     du = _dot(p, dy, trans_a=True) + _dot(kd, ds_c)
-    ds_next_ref[c] = ds
+    write(dgs_ref, c, jnp.sum(s * ds))
     dkd_ref[c] = _dot(u_c, ds_c, trans_b=True)
     ds_prev = _dot(qs, dy, trans_a=True) + scalar(gs_ref, c) * ds
     if momentum:
       m = mstates_ref[c]
       m_c, dm_c = m.astype(cdt), dm.astype(cdt)
       du = du + _dot(km_ref[c], dm_c)
-      dm_next_ref[c] = dm
+      write(dmc_ref, c, jnp.sum(m * ds))
+      write(dgm_ref, c, jnp.sum(m * dm))
       dqm_ref[c] = _dot(dy, m_c, trans_b=True)
       dkm_ref[c] = _dot(u_c, dm_c, trans_b=True)
       dm = (_dot(qm_ref[c], dy, trans_a=True) + scalar(mc_ref, c) * ds
@@ -255,9 +276,8 @@ def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: ja
     dy: ``[B, H, N, C, d_v]`` (in the chunk fields' dtype); ds_end, dm_end: ``[B, H, d_k, d_v]``.
 
   Returns:
-    a dict with ``vu`` and the partial sums (leading ``[d_v blocks]``) ``kw, qs, p, kd`` (and
-    ``qm, km``), ``s_next``/``m_next`` (``dS'``/``dM'`` per chunk, ``[B, H, N, d_k, d_v]``), and
-    ``s0``/``m0`` (cotangents of the initial state and momentum).
+    a dict with ``vu``, the partial sums (leading ``[d_v blocks]``) ``kw, qs, p, kd, gs`` (and
+    ``qm, km, mc, gm``), and ``s0``/``m0`` (cotangents of the initial state and momentum).
   """
   momentum = mstates is not None
   (batch, heads, n, c, dk, dv), grid = _grid(coeffs, ds_end, block_v)
@@ -267,21 +287,27 @@ def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: ja
   f32 = ds_end.dtype
   part_keys = pl.BlockSpec((None, None, None, n, c, dk), lambda b, h, j: (j, b, h, 0, 0, 0))
   part_square = pl.BlockSpec((None, None, None, n, c, c), lambda b, h, j: (j, b, h, 0, 0, 0))
+  if backend == "tpu":  # whole arrays in SMEM, as the scalar inputs
+    part_scalar = pl.BlockSpec(memory_space=pltpu.SMEM)
+  else:
+    part_scalar = pl.BlockSpec((None, None, None, n), lambda b, h, j: (j, b, h, 0))
   keys_shape = jax.ShapeDtypeStruct((nv, batch, heads, n, c, dk), f32)
-  states_shape = jax.ShapeDtypeStruct((batch, heads, n, dk, dv), f32)
+  scalar_shape = jax.ShapeDtypeStruct((nv, batch, heads, n), f32)
   out_shape = [jax.ShapeDtypeStruct((batch, heads, n, c, dv), f32), keys_shape, keys_shape,
-               jax.ShapeDtypeStruct((nv, batch, heads, n, c, c), f32), keys_shape, states_shape,
+               jax.ShapeDtypeStruct((nv, batch, heads, n, c, c), f32), keys_shape, scalar_shape,
                jax.ShapeDtypeStruct(ds_end.shape, f32)]
-  out_specs = [vals, part_keys, part_keys, part_square, part_keys, states_spec, state]
+  out_specs = [vals, part_keys, part_keys, part_square, part_keys, part_scalar, state]
   if momentum:
-    out_shape += [keys_shape, keys_shape, states_shape, jax.ShapeDtypeStruct(ds_end.shape, f32)]
-    out_specs += [part_keys, part_keys, states_spec, state]
+    out_shape += [keys_shape, keys_shape, scalar_shape, scalar_shape,
+                  jax.ShapeDtypeStruct(ds_end.shape, f32)]
+    out_specs += [part_keys, part_keys, part_scalar, part_scalar, state]
   kernel = functools.partial(_backward_kernel, n=n, momentum=momentum)
   args = list(coeffs) + [states, dy, ds_end] + ([mstates, dm_end] if momentum else [])
+  params = compiler_params(backend, num_warps, parallel=False)
   outs = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
-                        out_specs=out_specs, compiler_params=compiler_params(backend, num_warps),
-                        interpret=interpret, name="matrix_memory_bwd")(*args)
-  names = ["vu", "kw", "qs", "p", "kd", "s_next", "s0"]
+                        out_specs=out_specs, compiler_params=params, interpret=interpret,
+                        name="matrix_memory_bwd")(*args)
+  names = ["vu", "kw", "qs", "p", "kd", "gs", "s0"]
   if momentum:
-    names += ["qm", "km", "m_next", "m0"]
+    names += ["qm", "km", "mc", "gm", "m0"]
   return dict(zip(names, outs))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from nlj_kernels.matrix_memory import pallas_recurrence as kernels
 
@@ -42,15 +41,9 @@ def _bwd(block_v, num_warps, interpret, backend, residuals, cotangents):
   grads = kernels.backward(coeffs, states, mstates, dy.astype(coeffs[1].dtype), ds,
                            dm if momentum else None, block_v=block_v, num_warps=num_warps,
                            interpret=interpret, backend=backend)
-  contract = lambda a, b: jnp.einsum("bhnkv,bhnkv->bhn", a, b)
-  d = {"kw": grads["kw"].sum(0), "vu": grads["vu"], "qs": grads["qs"].sum(0),
-       "p": grads["p"].sum(0), "kd": grads["kd"].sum(0),
-       "gs": contract(states, grads["s_next"])}
-  if momentum:
-    d.update(qm=grads["qm"].sum(0), km=grads["km"].sum(0),
-             mc=contract(mstates, grads["s_next"]), gm=contract(mstates, grads["m_next"]))
   names = kernels.CHUNK_FIELDS + (kernels.MOMENTUM_FIELDS if momentum else ())
-  dcoeffs = tuple(d[name].astype(x.dtype) for name, x in zip(names, coeffs))
+  whole = lambda name: grads[name] if name == "vu" else grads[name].sum(0)  # d_v-block partials
+  dcoeffs = tuple(whole(name).astype(x.dtype) for name, x in zip(names, coeffs))
   return dcoeffs, grads["s0"], grads["m0"] if momentum else None
 
 
