@@ -1,6 +1,7 @@
 """GPU benchmark of a whole self-modifying Titans layer and a whole HOPE block, kernel vs chunked.
 
-    python benchmarks/kernels_layers.py --size=760m --batch=4 --seq=2048 --out=DIR
+    python benchmarks/kernels_layers.py --modules=selfmod --size=760m --batch=4 --seq=2048 --out=DIR
+    python benchmarks/kernels_layers.py --modules=hope_block --size=small --batch=1 --out=DIR
     python benchmarks/kernels_layers.py --smoke      # CPU: tiny preset, 1×64, interpret mode
 
 Modules, built from the ``--size`` preset with ``dtype=--dtype`` and ``impl`` set per row:
@@ -18,7 +19,11 @@ the dispatcher (:func:`nlj.core.dispatch.resolve`) gave it while the row was tra
 outer scan of :func:`nlj.core.run_nested`) and the other four one ``chunk_others``-token chunk at
 a time inside it, so each kernel launch covers a single chunk. CMS levels call ``Level.run``
 with the default ``impl="auto"``, whatever the config says: the chunked JAX form (``mlp_memory``
-is opt-in and covers neither their width nor their chunks at the 340m+ sizes). A level no
+is opt-in, and above the tiny preset their widths and chunks exceed its limits). That form holds
+per-token fast weights, so a block's temporaries grow with ``d_model²`` per token: XLA's CPU
+buffer analysis gives 29 GB for forward+backward of a ``small`` block at 1×2048 and about 270 GB
+per 2048-token sequence at 760m width (the self-modifying Titans mixer alone: 13 GB at 760m,
+4×2048). A level no
 kernel covers under ``impl="pallas"`` would raise in the dispatcher; here it runs chunked
 instead and is recorded as ``"pallas -> chunked (no kernel)"`` with the dispatcher's reason under
 ``fallbacks``. A failing row is recorded, not fatal. Prints a table last and writes
@@ -150,15 +155,21 @@ def levels_cell(levels: dict[str, str]) -> str:
 
 def table(rows: list[dict]) -> str:
   lines = ["| module | impl | B×T×d | fwd ms | fwd+bwd ms | first call s (fwd / fwd+bwd) | "
-           "rel. diff vs chunked | levels |", "|---|---|---|---|---|---|---|---|"]
-  cell = lambda r, key, f: "error" if f"{key}_error" in r else format(r[key], f)
+           "fwd+bwd temp GB | rel. diff vs chunked | levels |", "|" + "---|" * 9]
+
+  def cell(row: dict, mode: str, field: str, spec: str) -> str:
+    if f"{mode}_error" in row:
+      return "error"
+    value = row.get(f"{mode}_{field}")
+    return "–" if value is None else format(value, spec)
+
   for r in rows:
     rel = r.get("y_rel_vs_chunked")
     lines.append(
-        f"| {r['module']} | {r['impl']} | {r['shape']} | {cell(r, 'fwd_ms', '.2f')} | "
-        f"{cell(r, 'fwdbwd_ms', '.2f')} | {cell(r, 'fwd_first_s', '.1f')} / "
-        f"{cell(r, 'fwdbwd_first_s', '.1f')} | {'–' if rel is None else f'{rel:.1e}'} | "
-        f"{levels_cell(r['levels'])} |")
+        f"| {r['module']} | {r['impl']} | {r['shape']} | {cell(r, 'fwd', 'ms', '.2f')} | "
+        f"{cell(r, 'fwdbwd', 'ms', '.2f')} | {cell(r, 'fwd', 'first_s', '.1f')} / "
+        f"{cell(r, 'fwdbwd', 'first_s', '.1f')} | {cell(r, 'fwdbwd', 'temp_gb', '.2f')} | "
+        f"{'–' if rel is None else f'{rel:.1e}'} | {levels_cell(r['levels'])} |")
   return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@ state (AdamW) sharded by :mod:`nlj.train.sharding`, and the jitted train step ti
 ``--steps`` steps after two warm-up steps (one host sync at the end). Reports tokens/s, the
 scaling efficiency against one device, and MFU = ``6 · params · tokens/s`` over N times the
 bf16 matmul rate measured in the same run (attention and memory-update FLOPs beyond ``6N`` are
-not counted). Prints a table and writes JSON.
+not counted). A row that fails (e.g. out of memory) is recorded, not fatal. Prints a table and
+writes JSON.
 """
 
 from __future__ import annotations
@@ -83,11 +84,16 @@ def main() -> None:
     for devices in map(int, args.devices.split(",")):
       if devices > jax.device_count():
         raise SystemExit(f"--devices asks for {devices} but only {jax.device_count()} exist")
-      row = throughput(family, args.size, devices, args.per_device_batch, args.seq_len,
-                       args.steps, args.dtype)
-      row["mfu"] = 6 * row["params"] * row["tokens_per_s"] / (devices * peak * 1e12)
-      base = next((r for r in rows if r["family"] == family and r["devices"] == 1), None)
-      row["scaling"] = (row["tokens_per_s"] / (devices * base["tokens_per_s"])) if base else None
+      try:
+        row = throughput(family, args.size, devices, args.per_device_batch, args.seq_len,
+                         args.steps, args.dtype)
+      except Exception as error:  # recorded (e.g. out of memory): the other rows still run
+        row = {"family": family, "size": args.size, "devices": devices, "error": repr(error)[:500]}
+      else:
+        row["mfu"] = 6 * row["params"] * row["tokens_per_s"] / (devices * peak * 1e12)
+        base = next((r for r in rows if r["family"] == family and r["devices"] == 1
+                     and "error" not in r), None)
+        row["scaling"] = row["tokens_per_s"] / (devices * base["tokens_per_s"]) if base else None
       rows.append(row)
       print(row, flush=True)
   os.makedirs(args.out, exist_ok=True)
@@ -99,6 +105,9 @@ def main() -> None:
         f"(bf16 matmul {peak:.0f} TFLOP/s per device)")
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:
+    if "error" in r:
+      print(f"| {r['family']} | {r['size']} | {r['devices']} | error: {r['error'][:80]} |")
+      continue
     scaling = "-" if r["scaling"] is None else f"{r['scaling']:.2f}"
     print(f"| {r['family']} | {r['size']} | {r['devices']} | {r['global_batch']} | "
           f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {scaling} | {100 * r['mfu']:.1f}% |")
