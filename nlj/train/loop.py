@@ -7,7 +7,9 @@
    one (parameters, optimizer state, step, key and the data iterator's position);
 2. runs ``steps`` jitted train steps (compiled once: ``tests/train/test_compiles.py``), with the
    next batch placed on the devices while the current step runs; metrics stay on the devices
-   and are fetched once every ``log_every`` steps (one host sync per log interval), then
+   and are fetched once every ``log_every`` steps (one host sync per log interval, made after
+   the next step is queued, so the device does not idle while the host logs; at checkpoint
+   steps before the save), then
    appended to ``metrics.jsonl`` as ``{"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu",
    "memory_bytes"}``, written as TensorBoard scalars ``train/<name>`` to an event file in
    ``workdir`` (``tensorboard --logdir runs``) and shown on stdout (``nlj.train.progress``: a bar
@@ -202,28 +204,41 @@ def train(config: TrainConfig, workdir: str) -> dict:
   pending, tick, run_start = [], time.perf_counter(), time.perf_counter()
   tokens = config.batch_size * config.seq_len
   params = count_params(model_config)
+
+  def log(step: int, interval: list[dict]) -> None:
+    """Fetch one log interval's metrics (the host's only sync) and write its record."""
+    nonlocal tick
+    fetched, now = jax.device_get(interval), time.perf_counter()
+    tokens_per_s = len(fetched) * tokens / (now - tick)
+    record = {"step": step, "loss": float(np.mean([m["loss"] for m in fetched])),
+              "lr": float(fetched[-1]["learning_rate"]),
+              "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_s": tokens_per_s,
+              "mfu": None if config.peak_flops is None else
+                     6 * params * tokens_per_s / (config.peak_flops * jax.device_count()),
+              "memory_bytes": _memory_bytes()}
+    tick = now
+    records.append(record)
+    if main:
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+      events.scalars(step, {f"train/{k}": v for k, v in record.items()
+                            if k != "step" and v is not None})
+      progress.update(record)
+
+  due = None  # a finished log interval, fetched once the next step is queued behind it
   for step, (batch, position) in enumerate(
       prefetch(batches, mesh, max(0, config.steps - start)), start + 1):
     state, metrics = train_step(state, batch)
+    if due is not None:  # the device has this step to run while the host waits on the last
+      log(*due)
+      due = None
     pending.append(metrics)
     if step % config.log_every == 0 or step == config.steps:
-      fetched, now = jax.device_get(pending), time.perf_counter()
-      tokens_per_s = len(fetched) * tokens / (now - tick)
-      record = {"step": step, "loss": float(np.mean([m["loss"] for m in fetched])),
-                "lr": float(fetched[-1]["learning_rate"]),
-                "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_s": tokens_per_s,
-                "mfu": None if config.peak_flops is None else
-                       6 * params * tokens_per_s / (config.peak_flops * jax.device_count()),
-                "memory_bytes": _memory_bytes()}
-      pending, tick = [], now
-      records.append(record)
-      if main:
-        with open(metrics_path, "a") as f:
-          f.write(json.dumps(record) + "\n")
-        events.scalars(step, {f"train/{k}": v for k, v in record.items()
-                              if k != "step" and v is not None})
-        progress.update(record)
+      due, pending = (step, pending), []
     if step % config.checkpoint_every == 0 or step == config.steps:
+      if due is not None:  # a checkpoint's metrics are on disk before it (saving syncs anyway)
+        log(*due)
+        due = None
       checkpoints.save(state, position)
   trained = max(0, config.steps - start)
   seconds = time.perf_counter() - run_start
