@@ -6,7 +6,10 @@ first chunk may continue one begun by an earlier call; padding tokens are masked
 
 * ``boundary`` chunks (:func:`chunk_boundary`): all gradients at the anchor in parallel, then
   momentum and state as linear recurrences solved by a parallel scan
-  (:mod:`nlj.core.recurrence`), giving every per-token state for the read-out.
+  (:mod:`nlj.core.recurrence`), giving every per-token state for the read-out. Where no
+  per-token state is read (a read at the anchor, GD without Newton-Schulz: CMS levels, unread
+  levels), :func:`chunk_boundary_end` gives the end state as weighted sums of the gradients,
+  each one VJP of the chunk, with memory independent of the chunk length.
 * ``exact`` chunks of a matrix memory with a ``dot`` or ``l2`` objective and no momentum or
   orthogonalisation (:func:`chunk_exact_ut`): the WY/UT form of the (gated) delta rule, where
   ``W_t = α_t W_{t-1} - b_t (W_{t-1} k_t) k_tᵀ + s_t v_t k_tᵀ`` is solved for the whole chunk with
@@ -30,8 +33,8 @@ from nlj.core.objectives import memory_grad
 from nlj.core.recurrence import matrix_recurrence, scalar_recurrence
 from nlj.core.update import masked_scalars, write_token
 
-__all__ = ["run_chunked", "chunk_layout", "chunk_boundary", "chunk_exact_ut", "chunk_exact_scan",
-           "uses_ut"]
+__all__ = ["run_chunked", "chunk_layout", "chunk_boundary", "chunk_boundary_end",
+           "chunk_exact_ut", "chunk_exact_scan", "reads_end_state_only", "uses_ut"]
 
 _last = lambda tree: jax.tree.map(lambda x: x[-1], tree)
 
@@ -52,6 +55,66 @@ def _read(level: Level, memory: Any, seq: Any, anchor: Any, q: jax.Array | None)
   if level.read == "before":
     seq = jax.tree.map(lambda m, s: jnp.concatenate([m[None], s[:-1]]), memory, seq)
   return jax.vmap(level.read_out)(seq, q)
+
+
+def _weighted_grad(level: Level, anchor: Any, k: jax.Array, v: jax.Array,
+                   weights: jax.Array) -> Any:
+  """``Σ_t weights_t ∇L(M_anchor(k_t), v_t)`` as one VJP of the chunk's batched forward, so no
+  per-token gradient is ever materialised (``k [C, d_in]``, ``v [C, d_out]``, ``weights [C]``)."""
+  y, vjp = jax.vjp(lambda p: jax.vmap(lambda kk: level.memory.apply(p, kk))(k), anchor)
+  dldy = jax.vmap(level.objective.output_grad)(y, v)
+  return vjp(weights[:, None].astype(dldy.dtype) * dldy)[0]
+
+
+def _suffix_products(x: jax.Array) -> jax.Array:
+  """``Π_{t < j < C} x_j`` for every ``t`` (``x [C]``), as products (exact derivatives where a
+  factor is 0, a reset)."""
+  after = jnp.concatenate([x[1:], jnp.ones((1,), x.dtype)])
+  return jnp.cumprod(after[::-1])[::-1]
+
+
+def reads_end_state_only(level: Level, has_q: bool) -> bool:
+  """Whether a ``boundary`` chunk needs only its end state (no per-token states): the read is
+  at the anchor (or there is none) and the update is linear in the gradients (GD, no
+  Newton-Schulz), so the end state is a weighted sum of them (:func:`chunk_boundary_end`)."""
+  rule = level.rule
+  return (not has_q or level.read == "boundary") and rule.step == "gd" and not rule.orthogonalize
+
+
+def chunk_boundary_end(level: Level, memory, momentum, anchor, k, v, q, eta, alpha, beta, mask):
+  """:func:`chunk_boundary` for levels where :func:`reads_end_state_only` holds, in memory
+  independent of the chunk length (same arguments and results).
+
+  With ``r_t = Π_{j>t} α_j`` (0 for padding tokens, which write nothing) and directions
+  ``u_t = -s_t g_t`` (``g_t`` the gradient at the anchor), ``W_C = γ_C W_0 + Σ_t r_t d_t`` where the momentum ``d_t = β_t d_{t-1} + u_t``
+  (``d_t = u_t`` without momentum). Unrolled: ``W_C = γ_C W_0 + β_0 a_0 M_0 + Σ_i a_i u_i`` and
+  ``M_C = P_C M_0 + Σ_i e_i u_i`` with ``a_i = Σ_{t>=i} r_t Π_{i<j<=t} β_j``,
+  ``e_i = Π_{j>i} β_j`` and ``P_C = Π_j β_j``; each ``Σ_i w_i u_i`` is one VJP
+  (:func:`_weighted_grad`).
+  """
+  rule = level.rule
+  _, s, alpha, beta = jax.vmap(lambda *a: masked_scalars(level, *a))(k, eta, alpha, beta, mask)
+  r = _suffix_products(alpha)
+  gamma = r[0] * alpha[0]
+  # stop_grad_writes: the increments carry no gradient, their decays r_t still do
+  sg = jax.lax.stop_gradient if rule.stop_grad_writes else (lambda x: x)
+  written = lambda weights: _weighted_grad(level, sg(anchor), sg(k), sg(v), weights)
+  if rule.momentum:
+    # a_i = r_i + β_{i+1} a_{i+1}, a linear recurrence run backwards over the chunk; padding
+    # tokens write no increment (r_t = 0 there), though their momentum carries on unchanged
+    ahead = sg(jnp.concatenate([beta[1:], jnp.zeros((1,), beta.dtype)]))
+    a = scalar_recurrence(ahead[::-1], (r * mask)[::-1], jnp.zeros((), r.dtype))[::-1]
+    e = _suffix_products(beta)
+    into_m = _weighted_grad(level, anchor, k, v, -s * e)
+    carried_w, carried_m = sg(beta[0]) * a[0], e[0] * beta[0]
+    into_w = written(-sg(s) * a)
+    new_memory = jax.tree.map(lambda w, m, g: gamma * w + carried_w * sg(m) + g,
+                              memory, momentum, into_w)
+    momentum = jax.tree.map(lambda m, g: carried_m * m + g, momentum, into_m)
+  else:
+    into_w = written(-sg(s) * r)
+    new_memory = jax.tree.map(lambda w, g: gamma * w + g, memory, into_w)
+  return new_memory, momentum, _read(level, memory, None, anchor, q)
 
 
 def chunk_boundary(level: Level, memory, momentum, anchor, k, v, q, eta, alpha, beta, mask):
@@ -154,9 +217,9 @@ def chunk_layout(size: int, seq: int, phase, aligned: bool) -> tuple[int, object
   return -(-(seq + size - 1) // size), phase
 
 
-def _chunk_fn(level: Level):
+def _chunk_fn(level: Level, has_q: bool):
   if level.semantics == "boundary":
-    return chunk_boundary
+    return chunk_boundary_end if reads_end_state_only(level, has_q) else chunk_boundary
   return chunk_exact_ut if uses_ut(level) else chunk_exact_scan
 
 
@@ -184,7 +247,7 @@ def run_chunked(level: Level, state: LevelState, inputs: LevelInputs, aligned: b
   mask = ((pos >= phase) & (pos < phase + t)).astype(inputs.k.dtype).reshape(n, size)
   complete = (jnp.arange(1, n + 1) * size) <= phase + t
 
-  per_head = _chunk_fn(level)
+  per_head = _chunk_fn(level, has_q)
   q_axis = 0 if has_q else None
   in_axes = (0, 0, 0, 0, 0, q_axis, 0, 0, 0, None)
   batched = jax.vmap(jax.vmap(lambda *a: per_head(level, *a), in_axes), in_axes)

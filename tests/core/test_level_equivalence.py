@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from nlj.core import (DotProduct, Huber, L2, Level, Lp, MatrixMemory, MLPMemory, Rule)
+from nlj.core import chunked
 from nlj.core.chunked import uses_ut
 from tests.core.helpers import max_diff, random_inputs
 
@@ -101,3 +102,40 @@ def test_exact_ut_form_with_zero_retention_resets():
     s_chk, y_chk = level.run(state, inputs, impl="chunked")
     assert bool(jnp.all(jnp.isfinite(y_chk)))
     assert max_diff(y_ref, y_chk) < 1e-10 and max_diff(s_ref, s_chk) < 1e-10
+
+
+END_STATE_RULES = {"gd": Rule("gd"), "gd_momentum": Rule("gd", momentum=True),
+                   "gd_stop_grad": Rule("gd", stop_grad_writes=True),
+                   "gd_momentum_stop_grad": Rule("gd", momentum=True, stop_grad_writes=True)}
+
+
+@pytest.mark.parametrize("rule_name", sorted(END_STATE_RULES))
+@pytest.mark.parametrize("memory", ["matrix", "mlp"])
+def test_end_state_only_boundary_chunks(rule_name, memory):
+  """Boundary-read GD levels take the end-state-only form (no per-token states); it equals the
+  reference in outputs, states and gradients, with retention resets and unread calls."""
+  mem = (MatrixMemory(4, 3, init_scale=1.0) if memory == "matrix"
+         else MLPMemory(4, 3, hidden=5, layers=2, activation="silu"))
+  rule = END_STATE_RULES[rule_name]
+  level = Level(mem, L2(), rule, chunk=4, semantics="boundary", read="boundary", heads=2)
+  assert chunked.reads_end_state_only(level, has_q=True)
+  assert not chunked.reads_end_state_only(Level(mem, L2(), rule, chunk=4, read="after", heads=2),
+                                          has_q=True)
+  with jax.enable_x64(True):
+    inputs = random_inputs(level, 2, 13, seed=9)
+    inputs = inputs._replace(alpha=inputs.alpha.at[:, 5].set(0.0))
+    params = level.init(jax.random.PRNGKey(4), jnp.float64)
+    state = level.init_state(params, 2)
+    for inp in (inputs, inputs._replace(q=None)):
+      s_ref, y_ref = level.run(state, inp, impl="reference")
+      s_chk, y_chk = level.run(state, inp, impl="chunked")
+      assert max_diff(s_ref, s_chk) < 1e-10 and (y_ref is None or max_diff(y_ref, y_chk) < 1e-10)
+
+    def loss(impl, p, inp):
+      s, y = level.run(level.init_state(p, 2), inp, impl=impl)
+      extra = 0.0 if s.momentum is None else sum(jnp.sum(jnp.sin(x))
+                                                 for x in jax.tree.leaves(s.momentum))
+      return (jnp.sum(jnp.cos(y)) + sum(jnp.sum(x ** 2) for x in jax.tree.leaves(s.memory))
+              + extra)
+    grad = lambda impl: jax.grad(lambda p, i: loss(impl, p, i), (0, 1))(params, inputs)
+    assert max_diff(grad("chunked"), grad("reference")) < 1e-9
