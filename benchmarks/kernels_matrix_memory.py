@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import jax
@@ -36,6 +35,7 @@ from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.pallas_prepare import prepare_pallas
 from nlj_kernels.matrix_memory.prepare import prepare
 from nlj_kernels.matrix_memory.runner import launch_options
+from timing import timed
 
 CHECK_CASES = (  # (level, head dim, batch, length): lengths the chunk of 64 does not divide
     ("gated_deltanet", 64, 1, 200), ("gated_deltanet", 128, 2, 130),
@@ -53,28 +53,14 @@ CHECK_LEVELS = {
 }
 
 
-def timed(f, *args, repeats: int) -> float:
+def timed_ms(f, *args, repeats: int) -> float:
   """Median milliseconds of ``f(*args)`` after a warm-up call."""
-  return timed_first(f, *args, repeats=repeats)[0]
-
-
-def timed_first(f, *args, repeats: int) -> tuple[float, float]:
-  """``(median ms, seconds of the first call)`` of ``f(*args)``; the first call holds the
-  compilation and is not among the timed ones."""
-  start = time.perf_counter()
-  jax.block_until_ready(f(*args))
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times), first
+  return timed(f, *args, repeats=repeats)[1]
 
 
 def record(row: dict, key: str, f, *args, repeats: int) -> None:
   """``row[key + "_ms"]`` (median) and ``row[key + "_first_s"]`` (compilation + one call)."""
-  row[f"{key}_ms"], row[f"{key}_first_s"] = timed_first(f, *args, repeats=repeats)
+  row[f"{key}_first_s"], row[f"{key}_ms"] = timed(f, *args, repeats=repeats)
   print(f"  {key}: {row[f'{key}_ms']:.3f} ms (first call {row[f'{key}_first_s']:.1f} s)",
         flush=True)
 
@@ -158,9 +144,9 @@ def check(report: dict, cases: list[int], stage1: str) -> None:
 
 def ceilings(report: dict, repeats: int) -> None:
   a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
-  ms = timed(jax.jit(lambda x, y: x @ y), a, a, repeats=repeats)
+  ms = timed_ms(jax.jit(lambda x, y: x @ y), a, a, repeats=repeats)
   big = jax.random.normal(jax.random.PRNGKey(1), (1024, 1024, 512), jnp.float32)
-  copy_ms = timed(jax.jit(lambda x: x + 1), big, repeats=repeats)
+  copy_ms = timed_ms(jax.jit(lambda x: x + 1), big, repeats=repeats)
   report["ceilings"] = {"bf16_matmul_tflops": 2 * 8192 ** 3 / ms / 1e9,
                         "copy_gbps": 2 * big.size * 4 / copy_ms / 1e6}
   print("ceilings", report["ceilings"], flush=True)

@@ -21,7 +21,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from benchmarks.kernels_matrix_memory import BENCH_OPS, inputs
+from kernels_matrix_memory import BENCH_OPS, inputs
 from nlj_kernels.matrix_memory import matrix_memory
 
 TARGETS = ("gdn_fwd", "gdn_fwdbwd", "titans_fwd", "titans_fwdbwd")

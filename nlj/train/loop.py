@@ -114,6 +114,9 @@ def _check(config: TrainConfig) -> None:
     raise ValueError(f"TrainConfig.family={config.family!r}, size={config.size!r}: no such preset; "
                      f"families {sorted({f for f, _ in PRESETS})}, sizes "
                      f"{sorted({s for _, s in PRESETS})}")
+  if not isinstance(config.warmup, int) or not 0 <= config.warmup < config.steps:
+    raise ValueError(f"TrainConfig.warmup must be an int in [0, steps={config.steps}), got "
+                     f"{config.warmup!r} (with launch.py --steps, also set --config.warmup)")
   if config.peak_flops is not None and not config.peak_flops > 0:
     raise ValueError(f"TrainConfig.peak_flops must be None or positive, got {config.peak_flops!r}")
 
