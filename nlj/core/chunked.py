@@ -210,10 +210,13 @@ def chunk_layout(size: int, seq: int, phase, aligned: bool) -> tuple[int, object
   """``(chunks, phase)`` that cover ``seq`` tokens starting ``phase`` tokens into a chunk.
 
   ``aligned`` promises ``phase == 0`` and ``seq % size == 0`` (exactly ``seq / size`` chunks);
-  otherwise ``ceil((seq + size - 1) / size)`` static chunks cover any (possibly traced) phase.
+  a static (Python int) phase gets exactly ``ceil((phase + seq) / size)`` chunks; otherwise
+  ``ceil((seq + size - 1) / size)`` static chunks cover any traced phase.
   """
   if aligned:
     return seq // size, 0
+  if isinstance(phase, int):
+    return -(-(phase + seq) // size), phase
   return -(-(seq + size - 1) // size), phase
 
 

@@ -158,9 +158,10 @@ class ContinuumMemory(nnx.Module):
 
   # ----------------------------------------------------------------------------------- run
 
-  def _run_level(self, i: int, state: LevelState, prev: jax.Array, z: jax.Array, pos: int
-                 ) -> tuple[LevelState, jax.Array, jax.Array]:
-    """Level i over ``z [B, T, d]``: read at the boundary state, and (local) learn."""
+  def _run_level(self, i: int, state: LevelState, prev: jax.Array, z: jax.Array, pos: int,
+                 fresh: bool) -> tuple[LevelState, jax.Array, jax.Array]:
+    """Level i over ``z [B, T, d]``: read at the boundary state, and (local) learn; ``fresh``:
+    ``state`` is the level's initial state (phase 0)."""
     level, c = self.levels[i], self.config
     zh = z[:, :, None]
     if c.signal == "ntp":
@@ -171,7 +172,9 @@ class ContinuumMemory(nnx.Module):
     ys = []
     for start, stop in zip(cuts[:-1], cuts[1:]):
       if start > 0 or (period and pos % period == 0):  # a no-op at position 0
-        state = self._reset(i, z.shape[0])
+        state, fresh = self._reset(i, z.shape[0]), True
+      if fresh:  # a static phase 0: exactly the chunks the tokens fill, no padding chunk
+        state = state._replace(phase=0)
       inputs = LevelInputs(keys[:, start:stop], zh[:, start:stop], zh[:, start:stop])
       state, y = level.run(state, inputs)
       ys.append(y)
@@ -184,13 +187,15 @@ class ContinuumMemory(nnx.Module):
                ) -> tuple[jax.Array, CMSCache]:
     """``x [batch, seq, d_model] -> (y [batch, seq, d_model], cache)``."""
     c = self.config
-    if cache is None:
+    fresh = cache is None
+    if fresh:
       cache = self.init_cache(x.shape[0])
     levels, prevs, inputs, outs = [], [], [], []
     z = x
     for i in range(len(self.levels)):
       level_in = x if c.variant == "independent" else z
-      state, y, prev = self._run_level(i, cache.levels[i], cache.prev[i], level_in, cache.pos)
+      state, y, prev = self._run_level(i, cache.levels[i], cache.prev[i], level_in, cache.pos,
+                                       fresh)
       if cache.probes is not None:
         y = y + cache.probes[i]
       levels.append(state)

@@ -139,3 +139,19 @@ def test_end_state_only_boundary_chunks(rule_name, memory):
               + extra)
     grad = lambda impl: jax.grad(lambda p, i: loss(impl, p, i), (0, 1))(params, inputs)
     assert max_diff(grad("chunked"), grad("reference")) < 1e-9
+
+
+def test_static_phase_runs_only_the_chunks_it_fills():
+  """A Python-int phase (a fresh state known to the caller) gets exactly the chunks its tokens
+  fill, with the same results as the traced phase's conservative layout."""
+  assert chunked.chunk_layout(8, 5, 0, False) == (1, 0)
+  assert chunked.chunk_layout(8, 5, 3, False) == (1, 3)
+  assert chunked.chunk_layout(8, 5, jnp.asarray(0), False)[0] == 2
+  level = Level(MLPMemory(3, 3, hidden=4), L2(), Rule("gd", momentum=True), chunk=8,
+                read="after", heads=1)
+  with jax.enable_x64(True):
+    inputs = random_inputs(level, 2, 13, seed=2)
+    state = level.init_state(level.init(jax.random.PRNGKey(1), jnp.float64), 2)
+    s_ref, y_ref = level.run(state, inputs, impl="reference")
+    s_chk, y_chk = level.run(state._replace(phase=0), inputs, impl="chunked")
+    assert max_diff(y_ref, y_chk) < 1e-10 and max_diff(s_ref, s_chk) < 1e-10

@@ -334,3 +334,16 @@ def test_language_model_with_the_kernel_equals_chunked(family):
   rest, _ = model(tokens[:, 20:], cache)
   np.testing.assert_allclose(jnp.concatenate([first, rest], 1), logits["chunked"], atol=2e-5,
                              rtol=2e-5)
+
+
+@pytest.mark.parametrize("seq", [5, 21])
+def test_static_phase_equals_reference(seq):
+  """A Python-int phase (exact chunk count, no padding chunk) through the kernel's runner."""
+  with jax.enable_x64(True):
+    level = make_level("titans_momentum")
+    inputs = random_inputs(level, 1, seq, seed=13)
+    _, state = random_state(level, 1)
+    want_state, want_y = run_reference(level, state, inputs)
+    got_state, got_y = run_level(level, state._replace(phase=0), inputs, interpret=True)
+    assert max_diff(got_y, want_y) < 1e-10
+    assert_states_close(got_state, want_state, 1e-10)
