@@ -93,4 +93,5 @@ def given_inverse(n: jax.Array, t: jax.Array) -> jax.Array:
 
 given_inverse.defvjp(lambda n, t: (t, t), lambda t, dt: (_cotangent(t, dt), jnp.zeros_like(t)))
 
-INVERSES = {"solve": inverse_with_rule(solve_inverse), "blocked": inverse_with_rule(blocked_inverse)}
+INVERSES = {"solve": inverse_with_rule(solve_inverse),
+            "blocked": inverse_with_rule(blocked_inverse)}

@@ -87,10 +87,10 @@ def chunk_boundary_end(level: Level, memory, momentum, anchor, k, v, q, eta, alp
 
   With ``r_t = Π_{j>t} α_j`` (0 for padding tokens, which write nothing) and directions
   ``u_t = -s_t g_t`` (``g_t`` the gradient at the anchor), ``W_C = γ_C W_0 + Σ_t r_t d_t``
-  where the momentum ``d_t = β_t d_{t-1} + u_t`` (``d_t = u_t`` without momentum). Unrolled: ``W_C = γ_C W_0 + β_0 a_0 M_0 + Σ_i a_i u_i`` and
-  ``M_C = P_C M_0 + Σ_i e_i u_i`` with ``a_i = Σ_{t>=i} r_t Π_{i<j<=t} β_j``,
-  ``e_i = Π_{j>i} β_j`` and ``P_C = Π_j β_j``; each ``Σ_i w_i u_i`` is one VJP
-  (:func:`_weighted_grad`).
+  where the momentum ``d_t = β_t d_{t-1} + u_t`` (``d_t = u_t`` without momentum). Unrolled:
+  ``W_C = γ_C W_0 + β_0 a_0 M_0 + Σ_i a_i u_i`` and ``M_C = P_C M_0 + Σ_i e_i u_i`` with
+  ``a_i = Σ_{t>=i} r_t Π_{i<j<=t} β_j``, ``e_i = Π_{j>i} β_j`` and ``P_C = Π_j β_j``; each
+  ``Σ_i w_i u_i`` is one VJP (:func:`_weighted_grad`).
   """
   rule = level.rule
   _, s, alpha, beta = jax.vmap(lambda *a: masked_scalars(level, *a))(k, eta, alpha, beta, mask)
