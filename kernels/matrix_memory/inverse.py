@@ -16,7 +16,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["INVERSES", "blocked_inverse", "given_inverse", "inverse_with_rule", "solve_inverse"]
+__all__ = ["INVERSES", "blocked_inverse", "given_inverse", "inverse_named", "inverse_with_rule",
+           "solve_inverse"]
 
 _BLOCK = 16
 
@@ -95,3 +96,10 @@ given_inverse.defvjp(lambda n, t: (t, t), lambda t, dt: (_cotangent(t, dt), jnp.
 
 INVERSES = {"solve": inverse_with_rule(solve_inverse),
             "blocked": inverse_with_rule(blocked_inverse)}
+
+
+def inverse_named(name: str) -> Callable[[jax.Array], jax.Array]:
+  """The inverse of :data:`INVERSES` called ``name``, or a ValueError naming the choices."""
+  if name not in INVERSES:
+    raise ValueError(f"inverse must be one of {tuple(INVERSES)}, got {name!r}")
+  return INVERSES[name]

@@ -32,6 +32,7 @@ in-kernel inverse.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 
 from nlj.core.rules import Rule
 from nlj_kernels.matrix_memory.contract import OpConfig
-from nlj_kernels.matrix_memory.inverse import INVERSES
+from nlj_kernels.matrix_memory.inverse import inverse_named
 
 __all__ = ["ChunkCoefficients", "prepare"]
 
@@ -174,7 +175,5 @@ def prepare(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta: jax
   """
   f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
   args = tuple(map(f32, (k, v, q, eta, alpha, beta, mask)))
-  if inverse not in INVERSES:
-    raise ValueError(f"inverse must be one of {tuple(INVERSES)}, got {inverse!r}")
-  one = lambda *a: chunk_coefficients(config, INVERSES[inverse], *a)
+  one = functools.partial(chunk_coefficients, config, inverse_named(inverse))
   return jax.vmap(jax.vmap(jax.vmap(one)))(*args)

@@ -20,7 +20,7 @@ from nlj.core.chunked import chunk_layout
 from nlj.core.level import Level, LevelInputs, LevelState
 from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.contract import OpConfig, op_config
-from nlj_kernels.matrix_memory.inverse import INVERSES
+from nlj_kernels.matrix_memory.inverse import inverse_named
 from nlj_kernels.matrix_memory.pallas_prepare import prepare_pallas
 from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, prepare
 from nlj_kernels.matrix_memory.recurrence import chunk_recurrence
@@ -69,8 +69,7 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
   if stage1 not in STAGE1 or (stage1 == "pallas" and backend != "triton"):
     raise ValueError(f"stage1 must be one of {STAGE1} ('pallas' with backend='triton' only), "
                      f"got stage1={stage1!r} with backend={backend!r}")
-  if inverse not in INVERSES:
-    raise ValueError(f"inverse must be one of {tuple(INVERSES)}, got {inverse!r}")
+  inverse_named(inverse)  # a bad name fails here, before any tracing
   return Launch(block_v, num_warps, interpret, backend, stage1, inverse)
 
 
