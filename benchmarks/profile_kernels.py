@@ -3,8 +3,10 @@ profiler trace (CUPTI) of a few calls.
 
     python benchmarks/profile_kernels.py --what=gdn_fwdbwd --shape=8x2048x16x128 --out=DIR
 
-``--what`` names a function of :data:`TARGETS` (the matrix-memory op at Gated DeltaNet or
-Titans-momentum semantics, forward or forward+backward, with ``--stage1``). Prints the top
+``--what`` names a function of :data:`TARGETS`: the matrix-memory op at Gated DeltaNet or
+Titans-momentum semantics, forward or forward+backward (``--shape=BxTxHxD``, ``--stage1``), or
+``train_step``, one AdamW step of a preset LM (``--model=FAMILY:SIZE``, ``--shape=BxT``,
+``--dtype``, ``--remat``, ``--layers``). Prints the top
 kernels (name, calls, total and mean µs, share of the device time) and writes them as JSON
 beside the raw trace (``DIR/trace``, a Perfetto ``.json.gz`` that ui.perfetto.dev opens).
 """
@@ -17,14 +19,18 @@ import glob
 import gzip
 import json
 import os
+import time
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels_matrix_memory import BENCH_OPS, inputs
 from nlj_kernels.matrix_memory import matrix_memory
 
-TARGETS = ("gdn_fwd", "gdn_fwdbwd", "titans_fwd", "titans_fwdbwd")
+TARGETS = ("gdn_fwd", "gdn_fwdbwd", "titans_fwd", "titans_fwdbwd", "train_step")
 
 
 def build(what: str, shape: tuple[int, int, int, int], **launch):
@@ -42,8 +48,26 @@ def build(what: str, shape: tuple[int, int, int, int], **launch):
   return jax.jit(fwd), inp
 
 
+def build_train_step(model: str, shape: tuple[int, int], dtype: str, remat: bool,
+                     layers: int | None):
+  """A jitted ``state -> state`` AdamW step of preset ``FAMILY:SIZE`` on random tokens ``BxT``."""
+  from nlj.models import PRESETS  # pylint: disable=import-outside-toplevel
+  from nlj.train.sharding import create_train_state, make_mesh  # pylint: disable=import-outside-toplevel
+  from nlj.train.step import adamw_cosine, make_train_step  # pylint: disable=import-outside-toplevel
+  family, size = model.split(":")
+  config = dataclasses.replace(PRESETS[(family, size)], dtype=dtype, remat=remat)
+  if layers:
+    config = dataclasses.replace(config, layers=layers)
+  optimizer, schedule = adamw_cosine(1e-3, 10, 1000)
+  graphdef, state, _ = create_train_state(config, optimizer, 0, make_mesh("data:1"))
+  step = make_train_step(graphdef, optimizer, schedule)
+  batch = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab, (shape[0], shape[1] + 1),
+                                                        dtype=np.int32))
+  return jax.jit(lambda s: step(s, batch)[0]), state
+
+
 def device_kernels(trace_dir: str) -> list[dict]:
-  """Kernel rows ``{name, calls, total_us}`` of the newest Perfetto trace under ``trace_dir``,
+  """Kernel rows ``{name, calls, total_us, args}`` (``args``: one event's, e.g. its HLO op) of the newest Perfetto trace under ``trace_dir``,
   from the trace's GPU processes (names holding "GPU" or "stream")."""
   paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
                  key=os.path.getmtime)
@@ -53,12 +77,14 @@ def device_kernels(trace_dir: str) -> list[dict]:
     events = json.load(f)["traceEvents"]
   gpu = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
          and any(s in str(e.get("args", {}).get("name", "")) for s in ("GPU", "stream"))}
-  totals, calls = collections.Counter(), collections.Counter()
+  totals, calls, args = collections.Counter(), collections.Counter(), {}
   for e in events:
     if e.get("ph") == "X" and e.get("pid") in gpu:
       totals[e["name"]] += float(e.get("dur", 0.0))
       calls[e["name"]] += 1
-  return [{"name": n, "calls": calls[n], "total_us": us} for n, us in totals.most_common()]
+      args.setdefault(e["name"], e.get("args", {}))
+  return [{"name": n, "calls": calls[n], "total_us": us, "args": args[n]}
+          for n, us in totals.most_common()]
 
 
 def main() -> None:
@@ -67,25 +93,37 @@ def main() -> None:
   parser.add_argument("--shape", default="8x2048x16x128", help="BxTxHxD")
   parser.add_argument("--stage1", default=None, help="launch option stage1 (default: the op's)")
   parser.add_argument("--inverse", default=None, help="launch option inverse (default: the op's)")
+  parser.add_argument("--model", default="hope:small", help="train_step: FAMILY:SIZE preset")
+  parser.add_argument("--dtype", default="bfloat16", help="train_step: compute dtype")
+  parser.add_argument("--remat", action="store_true", help="train_step: ModelConfig.remat")
+  parser.add_argument("--layers", type=int, default=None, help="train_step: override layers")
   parser.add_argument("--calls", type=int, default=5)
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--out", default="/tmp/profile_kernels")
   args = parser.parse_args()
   launch = {k: v for k, v in (("stage1", args.stage1), ("inverse", args.inverse)) if v}
-  f, inp = build(args.what, tuple(map(int, args.shape.split("x"))), **launch)
+  shape = tuple(map(int, args.shape.split("x")))
+  if args.what == "train_step":
+    f, inp = build_train_step(args.model, shape, args.dtype, args.remat, args.layers)
+  else:
+    f, inp = build(args.what, shape, **launch)
   jax.block_until_ready(f(inp))  # compile outside the trace
   trace_dir = os.path.join(args.out, "trace")
+  start = time.perf_counter()
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for _ in range(args.calls):
       out = f(inp)
     jax.block_until_ready(out)
+  wall_ms = 1e3 * (time.perf_counter() - start) / args.calls
   rows = device_kernels(trace_dir)
   total = sum(r["total_us"] for r in rows) or 1.0
   with open(os.path.join(args.out, f"{args.what}.json"), "w") as fh:
     json.dump({"what": args.what, "shape": args.shape, "launch": launch, "calls": args.calls,
-               "kernels": rows}, fh, indent=1)
+               "wall_ms": wall_ms, "kernels": rows}, fh, indent=1)
+  launches = sum(r["calls"] for r in rows) / args.calls
   print(f"{args.what} {args.shape} {launch}: device time per call "
-        f"{total / args.calls:.1f} µs over {len(rows)} kernel names")
+        f"{total / args.calls:.1f} µs over {len(rows)} kernel names, {launches:.0f} kernel "
+        f"launches per call, wall time per call (traced) {wall_ms:.1f} ms")
   print("| kernel | calls/call | µs/call | share |\n|---|---:|---:|---:|")
   for r in rows[:args.top]:
     print(f"| {r['name'][:70]} | {r['calls'] / args.calls:.0f} | "

@@ -69,6 +69,10 @@ class ModelConfig:
     param_dtype: parameter dtype, one of :data:`PARAM_DTYPES`.
     impl: memory implementation for every level (``nlj.core.IMPLS``).
     norm_eps: RMSNorm epsilon.
+    scan_layers: run the blocks as one ``lax.scan`` over layers (compile time flat in depth;
+      :class:`nlj.models.DecoderLM`); False unrolls them.
+    remat: recompute each block's forward in the backward pass (``jax.checkpoint``) instead of
+      storing its activations.
     options: family-specific knobs as ``(name, value)`` pairs, read by that family's factories
       (``dict(config.options)``); keeps the config hashable.
   """
@@ -90,6 +94,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   impl: str = "auto"
   norm_eps: float = 1e-6
+  scan_layers: bool = True
+  remat: bool = False
   options: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
@@ -113,8 +119,9 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.cms_chunks must be a non-empty tuple, got {self.cms_chunks!r}")
     for c in self.cms_chunks:
       _positive_int("cms_chunks entries", c)
-    if not isinstance(self.tie_embeddings, bool):
-      raise ValueError(f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+    for name in ("tie_embeddings", "scan_layers", "remat"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f"ModelConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
     if self.param_dtype not in PARAM_DTYPES:

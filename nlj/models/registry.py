@@ -9,8 +9,11 @@ A *family* names the two halves of a pre-norm block (:mod:`nlj.models.blocks`):
   ``init_cache`` method, a streaming module under the same contract as a mixer (e.g. a CMS whose
   levels learn in context).
 
-``config`` is the :class:`nlj.models.ModelConfig` and ``layer`` the block's index (e.g. for a
-depth-dependent initialisation). A family's parameter *shapes* must not depend on ``layer`` or
+``config`` is the :class:`nlj.models.ModelConfig` and ``layer`` the block's index. With
+``ModelConfig.scan_layers`` (the default) the blocks at one position ``j`` of the layer pattern are
+initialised by one ``jax.vmap`` over their keys with ``layer=j``, so a family whose module
+structure depends on ``layer`` needs ``scan_layers=False`` (building it raises otherwise), as does
+a depth-dependent initialisation. A family's parameter *shapes* must not depend on ``layer`` or
 ``config.layers``: :func:`nlj.models.count_params` counts one period of the layer pattern and
 scales it (checked against full builds at the tiny size by ``tests/models/test_presets.py``).
 Layer modules

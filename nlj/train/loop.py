@@ -49,7 +49,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from nlj.data import PackedBatches, get_tokenizer, load_corpus
-from nlj.models import PRESETS, count_params
+from nlj.models import DTYPES, PRESETS, count_params
 from nlj.train.checkpoint import Checkpoints
 from nlj.train.progress import Progress
 from nlj.train.sharding import (create_train_state, jit_eval_step, jit_train_step, make_mesh,
@@ -66,7 +66,8 @@ class TrainConfig:
 
   Attributes:
     family: model family (``nlj.models.families()``).
-    size: preset size (``nlj.models.SIZES``); the model is ``PRESETS[(family, size)]``.
+    size: preset size (``nlj.models.SIZES``); the model is ``PRESETS[(family, size)]`` with
+      ``dtype`` and ``remat`` below.
     steps: total optimizer steps (a resumed run continues up to this many).
     batch_size: global batch, in sequences (divisible by the mesh's ``data * fsdp``).
     seq_len: tokens per sequence.
@@ -83,6 +84,9 @@ class TrainConfig:
     log_every: fetch and log metrics every this many steps.
     peak_flops: peak FLOP/s of one device (e.g. ``989e12`` for an H100's dense bf16) for the
       logged ``mfu``; None (the default, e.g. on CPU) logs ``mfu`` as null.
+    dtype: the model's compute dtype (``nlj.models.DTYPES``; parameters and memory states stay
+      float32).
+    remat: recompute each block's forward in the backward pass (``ModelConfig.remat``).
   """
 
   family: str = "gated_deltanet"
@@ -102,6 +106,8 @@ class TrainConfig:
   eval_batches: int = 8
   log_every: int = 10
   peak_flops: float | None = None
+  dtype: str = "float32"
+  remat: bool = False
 
 
 def _check(config: TrainConfig) -> None:
@@ -119,6 +125,10 @@ def _check(config: TrainConfig) -> None:
                      f"{config.warmup!r} (with launch.py --steps, also set --config.warmup)")
   if config.peak_flops is not None and not config.peak_flops > 0:
     raise ValueError(f"TrainConfig.peak_flops must be None or positive, got {config.peak_flops!r}")
+  if config.dtype not in DTYPES:
+    raise ValueError(f"TrainConfig.dtype must be one of {DTYPES}, got {config.dtype!r}")
+  if not isinstance(config.remat, bool):
+    raise ValueError(f"TrainConfig.remat must be a bool, got {config.remat!r}")
 
 
 def prefetch(batches: PackedBatches, mesh: Mesh, count: int, size: int = 2
@@ -173,7 +183,8 @@ def _plot(records: list[dict], path: str) -> None:
 def train(config: TrainConfig, workdir: str) -> dict:
   """Train (or resume) ``config`` in ``workdir``; returns the ``results.json`` dict."""
   _check(config)
-  model_config = PRESETS[(config.family, config.size)]
+  model_config = dataclasses.replace(PRESETS[(config.family, config.size)], dtype=config.dtype,
+                                     remat=config.remat)
   vocab = get_tokenizer(config.tokenizer).vocab_size
   if vocab > model_config.vocab:
     raise ValueError(f"TrainConfig.tokenizer={config.tokenizer!r} has {vocab} ids, more than the "

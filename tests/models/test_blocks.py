@@ -60,7 +60,10 @@ def test_recurrent_families_are_registered():
 
 def test_registered_family_with_streaming_mlp(clean_registry):
   register_family("toy_cum", _CumMixer, _CountingMLP)
-  config = dataclasses.replace(TINY, family="toy", pattern=("toy_cum", "toy_cum"), layers=4)
+  config = dataclasses.replace(TINY, family="toy", pattern=("toy_cum", "toy_cum"), layers=4,
+                               scan_layers=False)  # _CumMixer keeps its layer: not scannable
+  with pytest.raises(ValueError, match="ModelConfig.scan_layers=True .* block 2 differs"):
+    build_model(dataclasses.replace(config, scan_layers=True), nnx.Rngs(0))
   model = build_model(config, nnx.Rngs(0))
   assert [b.mixer.layer for b in model.blocks] == [0, 1, 2, 3]
   assert all(b.streaming_mlp for b in model.blocks)

@@ -185,6 +185,8 @@ def test_tied_head_is_the_transposed_embedding():
     (dict(mlp_hidden=0), "ModelConfig.mlp_hidden"),
     (dict(options=(("window", 4), ("window", 8))), "ModelConfig.options"),
     (dict(family=""), "ModelConfig.family"),
+    (dict(scan_layers=1), "ModelConfig.scan_layers"),
+    (dict(remat="block"), "ModelConfig.remat"),
 ])
 def test_bad_config_fields_are_named(fields, match):
   with pytest.raises(ValueError, match=match):

@@ -60,7 +60,8 @@ def test_gated_deltanet_tiny_runs_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("field, value", [("steps", 0), ("family", "nope"), ("tokenizer", "gpt2"),
                                           ("batch_size", 12), ("peak_flops", 0.0),
-                                          ("warmup", 1000)])
+                                          ("warmup", 1000), ("dtype", "int8"),
+                                          ("remat", "yes")])
 @pytest.mark.needs_8_devices
 def test_bad_config_names_the_field(tmp_path, field, value):
   config = dataclasses.replace(TrainConfig(), mesh="data:8", **{field: value})
