@@ -130,6 +130,9 @@ class SelfModifyingTitans(nnx.Module):
     self.out_norm = GatedRMSNorm(dh, param_dtype=param_dtype)
     self.w_out = dense(c.d_model, c.d_model, rngs, dtype, param_dtype)
     self.dtype = dtype
+    # the short convs and their caches run in the memory states' dtype (Level.init_state): at
+    # least float32, float64 with float64 parameters
+    self.state_dtype = jnp.promote_types(param_dtype, jnp.float32)
 
   # --------------------------------------------------------------------------------- cache
 
@@ -141,7 +144,7 @@ class SelfModifyingTitans(nnx.Module):
   def init_cache(self, batch: int, max_len: int | None = None) -> SelfModCache:
     levels = {n: self.levels[n].init_state(self.init_params[n].get_value(), batch)
               for n in self._learning}
-    conv = {n: self.convs[n].init_cache(batch) for n in "qkv"}
+    conv = {n: self.convs[n].init_cache(batch, self.state_dtype) for n in "qkv"}
     return SelfModCache(levels, conv, 0)
 
   # ---------------------------------------------------------------------------- the pieces
@@ -172,13 +175,13 @@ class SelfModifyingTitans(nnx.Module):
     b, t, _ = x.shape
     heads = lambda z: z.reshape(b, t, c.heads, c.head_dim)
     flat = lambda z: z.reshape(b, t, c.d_model)
-    xh = heads(x).astype(jnp.float32)
+    xh = heads(x)  # each reader casts to its memory's dtype
     read = lambda name: self._reader(levels, name, b)
     q_raw = flat(read("q")(xh)) if c.adaptive_q else self.w_q(x)
     raw = {"q": q_raw, "k": flat(read("k")(xh)), "v": flat(read("v")(xh))}
     out = {}
     for n in "qkv":
-      y, conv[n] = self.convs[n](raw[n].astype(jnp.float32), conv[n])
+      y, conv[n] = self.convs[n](raw[n].astype(self.state_dtype), conv[n])
       out[n] = heads(jax.nn.silu(y))
     k, q, v = l2_normalize(out["k"]), l2_normalize(out["q"]), out["v"]
     eta = jax.nn.softplus(read("eta")(xh)[..., 0]) * c.eta_scale
