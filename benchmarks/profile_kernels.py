@@ -28,6 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_matrix_memory import BENCH_OPS, inputs
+from nlj.models import PRESETS
+from nlj.train.sharding import create_train_state, make_mesh
+from nlj.train.step import adamw_cosine, make_train_step
 from nlj_kernels.matrix_memory import matrix_memory
 
 TARGETS = ("gdn_fwd", "gdn_fwdbwd", "titans_fwd", "titans_fwdbwd", "train_step")
@@ -51,9 +54,6 @@ def build(what: str, shape: tuple[int, int, int, int], **launch):
 def build_train_step(model: str, shape: tuple[int, int], dtype: str, remat: bool,
                      layers: int | None):
   """A jitted ``state -> state`` AdamW step of preset ``FAMILY:SIZE`` on random tokens ``BxT``."""
-  from nlj.models import PRESETS  # pylint: disable=import-outside-toplevel
-  from nlj.train.sharding import create_train_state, make_mesh  # pylint: disable=import-outside-toplevel
-  from nlj.train.step import adamw_cosine, make_train_step  # pylint: disable=import-outside-toplevel
   family, size = model.split(":")
   config = dataclasses.replace(PRESETS[(family, size)], dtype=dtype, remat=remat)
   if layers:
@@ -67,8 +67,9 @@ def build_train_step(model: str, shape: tuple[int, int], dtype: str, remat: bool
 
 
 def device_kernels(trace_dir: str) -> list[dict]:
-  """Kernel rows ``{name, calls, total_us, args}`` (``args``: one event's, e.g. its HLO op) of the newest Perfetto trace under ``trace_dir``,
-  from the trace's GPU processes (names holding "GPU" or "stream")."""
+  """Kernel rows ``{name, calls, total_us, args}`` (``args``: one event's, e.g. its HLO op) of
+  the newest Perfetto trace under ``trace_dir``, from the trace's GPU processes (names holding
+  "GPU" or "stream")."""
   paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
                  key=os.path.getmtime)
   if not paths:

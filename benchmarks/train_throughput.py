@@ -9,8 +9,8 @@ state (AdamW) sharded by :mod:`nlj.train.sharding`, and the jitted train step ti
 scaling efficiency against one device, and MFU = ``6 · params · tokens/s`` over N times the
 bf16 matmul rate measured in the same run (attention and memory-update FLOPs beyond ``6N`` are
 not counted). ``peak GiB`` is device 0's peak memory since the process started (run one family
-per process to read it per row). A row that fails (e.g. out of memory) is recorded, not fatal. Prints a table and
-writes JSON.
+per process to read it per row). A row that fails (e.g. out of memory) is recorded, not fatal.
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def throughput(family: str, size: str, devices: int, per_device_batch: int, seq_
           "global_batch": batch_size, "seq_len": seq_len, "dtype": dtype,
           "step_ms": 1e3 * seconds, "tokens_per_s": batch_size * seq_len / seconds,
           "remat": remat, "init_s": init_s, "warmup_s": warmup_s,
-          "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30, "loss": float(metrics["loss"])}
+          "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
+          "loss": float(metrics["loss"])}
 
 
 def main() -> None:
@@ -110,7 +111,8 @@ def main() -> None:
   with open(os.path.join(args.out, "train_throughput.json"), "w") as f:
     json.dump(report, f, indent=1)
   print(f"| family | size | devices | global batch | remat | init s | compile + 2 steps s | "
-        f"peak GiB | step ms | tokens/s | scaling | MFU |  (bf16 matmul {peak:.0f} TFLOP/s per device)")
+        f"peak GiB | step ms | tokens/s | scaling | MFU |  "
+        f"(bf16 matmul {peak:.0f} TFLOP/s per device)")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     if "error" in r:

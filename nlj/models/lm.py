@@ -53,8 +53,8 @@ class DecoderLM(nnx.Module):
     self.embed = nnx.Embed(config.vocab, config.d_model, dtype=dtype, param_dtype=param_dtype,
                            embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
     self.period = len(config.pattern or (config.family,))
-    make = _vmapped_blocks if config.scan_layers else _sequential_blocks
-    self.blocks = nnx.List(make(config, self.period, rngs))
+    self.blocks = nnx.List(_vmapped_blocks(config, self.period, rngs) if config.scan_layers
+                           else [Block(config, i, rngs) for i in range(config.layers)])
     self.final_norm = RMSNorm(config.d_model, config.norm_eps, param_dtype)
     self.lm_head = (None if config.tie_embeddings else
                     dense(config.d_model, config.vocab, rngs, self.logits_dtype, param_dtype))
@@ -127,11 +127,6 @@ def _apply_block(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array,
                  cache: Any) -> tuple[jax.Array, Any]:
   """Block ``nnx.merge(graphdef, state)`` on ``x [batch, seq, d_model]`` (pure, for transforms)."""
   return nnx.merge(graphdef, state)(x, cache)
-
-
-def _sequential_blocks(config: ModelConfig, period: int, rngs: nnx.Rngs) -> list[Block]:
-  """Block ``i`` built by its family's factories with ``layer=i``, drawing from ``rngs``."""
-  return [Block(config, i, rngs) for i in range(config.layers)]
 
 
 def _vmapped_blocks(config: ModelConfig, period: int, rngs: nnx.Rngs) -> list[Block]:
