@@ -75,10 +75,76 @@ def _suffix_products(x: jax.Array) -> jax.Array:
 
 def reads_end_state_only(level: Level, has_q: bool) -> bool:
   """Whether a ``boundary`` chunk needs only its end state (no per-token states): the read is
-  at the anchor (or there is none) and the update is linear in the gradients (GD, no
-  Newton-Schulz), so the end state is a weighted sum of them (:func:`chunk_boundary_end`)."""
+  at the anchor (or there is none) and the update is linear in the gradients (GD, or DGD on a
+  memory with :meth:`~nlj.core.memories.Memory.key_input_cotangents`; no Newton-Schulz), so
+  the end state is a weighted sum of them (:func:`chunk_boundary_end`)."""
   rule = level.rule
-  return (not has_q or level.read == "boundary") and rule.step == "gd" and not rule.orthogonalize
+  linear = rule.step == "gd" or hasattr(level.memory, "key_input_cotangents")
+  return (not has_q or level.read == "boundary") and linear and not rule.orthogonalize
+
+
+def _span_products(x: jax.Array) -> jax.Array:
+  """``R[p, l] = Π_{p <= j < l} x_j`` for ``0 <= p, l <= C`` (``x [C]``; 1 where ``l <= p``),
+  as masked cumulative products (exact derivatives where a factor is 0, a reset)."""
+  size = x.shape[0]
+  factors = jnp.where(jnp.arange(size)[None, :] >= jnp.arange(size + 1)[:, None], x[None, :], 1)
+  ones = jnp.ones((size + 1, 1), x.dtype)
+  return jnp.concatenate([ones, jnp.cumprod(factors, axis=1)], axis=1)
+
+
+def _write_weights(ra: jax.Array, rb: jax.Array, mask: jax.Array) -> jax.Array:
+  """``H [C + 1, C + 1]``: how much of what enters the momentum at position ``p`` reaches the
+  state, decayed by retention only, up to just before token ``l`` (``l = C``: the chunk end).
+
+  Position ``p = 0`` is the carried momentum and ``p = i + 1`` token ``i``'s increment:
+  ``H[p, l] = Σ_{p-1 <= t < l} mask_t (Π_{p <= j <= t} β_j) (Π_{t < j < l} α_j)``, where
+  ``ra = _span_products(α)`` and ``rb = _span_products(β)`` (β = 0 without momentum, so each
+  increment enters once). ``H[i + 1, C]`` is the ``a_i`` of :func:`chunk_boundary_end`.
+  """
+  size = mask.shape[0]
+  t, pos = jnp.arange(size), jnp.arange(size + 1)
+  entered = jnp.where(t[None, :] + 1 >= pos[:, None], rb[:, 1:], 0) * mask[None, :]
+  decayed = jnp.where(pos[None, :] > t[:, None], ra[1:, :], 0)
+  return jnp.matmul(entered, decayed, precision=jax.lax.Precision.HIGHEST)
+
+
+def _key_decay(level: Level, memory, momentum, anchor, k, v, c, s, ra, weights, sg):
+  """What the ``- c_t k_t k_tᵀ`` part of DGD's decay adds to each key-input weight's end state.
+
+  For such a weight ``W [m, d_in]``, with ``g_t = Π_{j>t} α_j``, ``N = (I + A)⁻¹`` for the
+  strictly lower ``A_{jl} = c_j (Π_{l<i<j} α_i) k_j·k_l``, and ``R = Nᵀ diag(g) K [C, d_in]``,
+  it is ``-E R`` with ``E [m, C]`` = ``(W_0 Kᵀ) diag(c ⊙ H[0 (start), :])`` (the chunk's start
+  state) + ``(S_0 Kᵀ) diag(c ⊙ H[0, :])`` (the carried momentum) ``- Δᵀ diag(s)
+  ((K Kᵀ) ⊙ c ⊙ H[1:, :])`` (token ``i``'s increment ``-s_i δ_i k_iᵀ``; ``δ`` from
+  :meth:`~nlj.core.memories.Memory.key_input_cotangents`), ``H`` from :func:`_write_weights`.
+  A trailing block of ``N`` inverts the trailing block of ``I + A``, so one triangular
+  solve serves every start position.
+  """
+  size = k.shape[0]
+  t = jnp.arange(size)
+  g = ra[1:, size]
+  lower = jnp.where(t[:, None] > t[None, :], c[:, None] * ra[1:, :size].T * (k @ k.T), 0)
+  eye = jnp.eye(size, dtype=k.dtype)
+  inv = jax.scipy.linalg.solve_triangular(eye + lower, eye, lower=True, unit_diagonal=True)
+  right = inv.T @ (g[:, None] * k)
+  point, keys = sg(anchor), sg(k)
+  y = level.memory.apply(point, keys)
+  dldy = jax.vmap(level.objective.output_grad)(y, sg(v))
+  written = sg(s)[:, None] * (keys @ k.T) * (c * weights[1:, :size])
+  flat, tree = jax.tree.flatten(memory)
+  is_key = tree.flatten_up_to(level.memory.key_inputs())
+  deltas = tree.flatten_up_to(level.memory.key_input_cotangents(point, keys, dldy))
+  carried = tree.flatten_up_to(momentum) if momentum is not None else [None] * len(flat)
+  out = []
+  for w, key_input, delta, m in zip(flat, is_key, deltas, carried):
+    if not key_input:
+      out.append(jnp.zeros_like(w))
+      continue
+    e = (w @ k.T) * (c * ra[0, :size]) - delta.T @ written
+    if m is not None:
+      e = e + (sg(m) @ k.T) * (c * weights[0, :size])
+    out.append(-e @ right)
+  return jax.tree.unflatten(tree, out)
 
 
 def chunk_boundary_end(level: Level, memory, momentum, anchor, k, v, q, eta, alpha, beta, mask):
@@ -86,34 +152,32 @@ def chunk_boundary_end(level: Level, memory, momentum, anchor, k, v, q, eta, alp
   independent of the chunk length (same arguments and results).
 
   With ``r_t = Π_{j>t} α_j`` (0 for padding tokens, which write nothing) and directions
-  ``u_t = -s_t g_t`` (``g_t`` the gradient at the anchor), ``W_C = γ_C W_0 + Σ_t r_t d_t``
-  where the momentum ``d_t = β_t d_{t-1} + u_t`` (``d_t = u_t`` without momentum). Unrolled:
-  ``W_C = γ_C W_0 + β_0 a_0 M_0 + Σ_i a_i u_i`` and ``M_C = P_C M_0 + Σ_i e_i u_i`` with
-  ``a_i = Σ_{t>=i} r_t Π_{i<j<=t} β_j``, ``e_i = Π_{j>i} β_j`` and ``P_C = Π_j β_j``; each
-  ``Σ_i w_i u_i`` is one VJP (:func:`_weighted_grad`).
+  ``u_t = -s_t g_t`` (``g_t`` the gradient at the anchor), GD gives ``W_C = γ_C W_0 + Σ_t r_t
+  d_t`` where the momentum ``d_t = β_t d_{t-1} + u_t`` (``d_t = u_t`` without momentum).
+  Unrolled: ``W_C = γ_C W_0 + β_0 a_0 M_0 + Σ_i a_i u_i`` and ``M_C = P_C M_0 + Σ_i e_i u_i``
+  with ``a_i = Σ_{t>=i} r_t Π_{i<j<=t} β_j``, ``e_i = Π_{j>i} β_j`` and ``P_C = Π_j β_j``; each
+  ``Σ_i w_i u_i`` is one VJP (:func:`_weighted_grad`). DGD's key decay ``- c k kᵀ`` adds a
+  closed-form term to the key-input weights (:func:`_key_decay`): one ``C × C`` triangular
+  solve, no per-token state or gradient.
   """
   rule = level.rule
-  _, s, alpha, beta = jax.vmap(lambda *a: masked_scalars(level, *a))(k, eta, alpha, beta, mask)
-  r = _suffix_products(alpha)
-  gamma = r[0] * alpha[0]
-  # stop_grad_writes: the increments carry no gradient, their decays r_t still do
+  c, s, alpha, beta = jax.vmap(lambda *a: masked_scalars(level, *a))(k, eta, alpha, beta, mask)
+  size = k.shape[0]
+  # stop_grad_writes: the increments carry no gradient, their decays still do
   sg = jax.lax.stop_gradient if rule.stop_grad_writes else (lambda x: x)
-  written = lambda weights: _weighted_grad(level, sg(anchor), sg(k), sg(v), weights)
+  ra = _span_products(alpha)
+  rb = _span_products(sg(beta) if rule.momentum else jnp.zeros_like(beta))
+  weights = _write_weights(ra, rb, mask)
+  into_w = _weighted_grad(level, sg(anchor), sg(k), sg(v), -sg(s) * weights[1:, size])
+  new_memory = jax.tree.map(lambda w, g: ra[0, size] * w + g, memory, into_w)
+  if rule.step == "dgd":
+    decay = _key_decay(level, memory, momentum, anchor, k, v, c, s, ra, weights, sg)
+    new_memory = jax.tree.map(jnp.add, new_memory, decay)
   if rule.momentum:
-    # a_i = r_i + β_{i+1} a_{i+1}, a linear recurrence run backwards over the chunk; padding
-    # tokens write no increment (r_t = 0 there), though their momentum carries on unchanged
-    ahead = sg(jnp.concatenate([beta[1:], jnp.zeros((1,), beta.dtype)]))
-    a = scalar_recurrence(ahead[::-1], (r * mask)[::-1], jnp.zeros((), r.dtype))[::-1]
     e = _suffix_products(beta)
     into_m = _weighted_grad(level, anchor, k, v, -s * e)
-    carried_w, carried_m = sg(beta[0]) * a[0], e[0] * beta[0]
-    into_w = written(-sg(s) * a)
-    new_memory = jax.tree.map(lambda w, m, g: gamma * w + carried_w * sg(m) + g,
-                              memory, momentum, into_w)
-    momentum = jax.tree.map(lambda m, g: carried_m * m + g, momentum, into_m)
-  else:
-    into_w = written(-sg(s) * r)
-    new_memory = jax.tree.map(lambda w, g: gamma * w + g, memory, into_w)
+    new_memory = jax.tree.map(lambda w, m: w + weights[0, size] * sg(m), new_memory, momentum)
+    momentum = jax.tree.map(lambda m, g: e[0] * beta[0] * m + g, momentum, into_m)
   return new_memory, momentum, _read(level, memory, None, anchor, q)
 
 

@@ -56,6 +56,23 @@ class Memory(Protocol):
   def linear_grad(self, params: Params, k: jax.Array, dldy: jax.Array) -> Params | None:
     """Closed-form ``∇_params L`` from ``dL/dy [d_out]`` when the map is linear, else None."""
 
+  def key_input_cotangents(self, params: Params, x: jax.Array, dldy: jax.Array) -> Params:
+    """Cotangents ``δ`` of the outputs ``W x`` of the key-input weights.
+
+    A key-input weight's gradient is the outer product ``δ xᵀ``, so a sum of such gradients
+    right-multiplied by per-token matrices needs only ``δ`` (the end-state form of delta
+    gradient descent, :func:`nlj.core.chunked.chunk_boundary_end`).
+
+    Args:
+      params: one head's parameters.
+      x: inputs ``[C, d_in]``.
+      dldy: ``∂L/∂y [C, d_out]`` at ``y = M(x)``.
+
+    Returns:
+      A pytree shaped like ``params``: ``δ [C, rows of W]`` at every key-input weight, None
+      elsewhere.
+    """
+
 
 def _check_positive(name: str, value: int) -> None:
   if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -97,6 +114,10 @@ class MatrixMemory:
   def linear_grad(self, params: Params, k: jax.Array, dldy: jax.Array) -> Params:
     """``∇_W L = (dL/dy) kᵀ`` (eq. 8): ``k [d_in]``, ``dldy [d_out]`` -> ``[d_out, d_in]``."""
     return {"w": jnp.outer(dldy, k)}
+
+  def key_input_cotangents(self, params: Params, x: jax.Array, dldy: jax.Array) -> Params:
+    """``δ = dL/dy`` (see :meth:`Memory.key_input_cotangents`)."""
+    return {"w": dldy}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,14 +172,20 @@ class MLPMemory:
     return params
 
   def apply(self, params: Params, x: jax.Array) -> jax.Array:
+    return self._forward(params, x)
+
+  def _forward(self, params: Params, x: jax.Array, taps: dict | None = None) -> jax.Array:
+    """The read-out with ``taps`` added to the outputs of the key-input weights (the first
+    layer and the skip projection); their cotangents are :meth:`key_input_cotangents`."""
+    add_tap = lambda z, name: z if taps is None else z + taps[name]
     act = ACTIVATIONS[self.activation]
     h = x
     for i, w in enumerate(params["layers"]):
-      h = h @ w.T
+      h = add_tap(h @ w.T, "first") if i == 0 else h @ w.T
       if i < self.layers - 1:
         h = act(h)
     if self._has_skip:
-      return h + x @ params["skip"].T
+      return h + add_tap(x @ params["skip"].T, "skip")
     return h + x if self.residual else h
 
   def key_inputs(self) -> Params:
@@ -169,3 +196,15 @@ class MLPMemory:
 
   def linear_grad(self, params: Params, k: jax.Array, dldy: jax.Array) -> None:
     return None
+
+  def key_input_cotangents(self, params: Params, x: jax.Array, dldy: jax.Array) -> Params:
+    """``δ`` of the first layer (pre-activation) and of the skip projection (see
+    :meth:`Memory.key_input_cotangents`), as one VJP with respect to zero taps."""
+    taps = {"first": jnp.zeros(x.shape[:-1] + (params["layers"][0].shape[0],), dldy.dtype)}
+    if self._has_skip:
+      taps["skip"] = jnp.zeros(dldy.shape, dldy.dtype)
+    cot = jax.vjp(lambda t: self._forward(params, x, t), taps)[1](dldy)[0]
+    out = {"layers": (cot["first"],) + (None,) * (self.layers - 1)}
+    if self._has_skip:
+      out["skip"] = cot["skip"]
+    return out

@@ -108,12 +108,14 @@ class SelfModifyingTitans(nnx.Module):
     c = self.config = config
     dh, hidden = c.head_dim, max(1, int(round(c.hidden_mult * c.head_dim)))
     rule = Rule("dgd" if c.dgd else "gd", momentum=c.momentum, dgd_variant="plain")
-    make = lambda d_out, chunk, read="boundary": Level(
+    # The projection memories step one sub-chunk at a time inside the main memory's chunk,
+    # whose body run_nested already checkpoints: a checkpoint of their own would only recompute.
+    make = lambda d_out, chunk, read="boundary", remat=False: Level(
         MLPMemory(dh, d_out, hidden, 2, c.activation), L2(), rule, chunk, "boundary", read,
-        c.heads, beta=c.beta)
+        c.heads, beta=c.beta, remat=remat)
     levels = {"k": make(dh, c.chunk_other), "v": make(dh, c.chunk_other),
               "eta": make(1, c.chunk_other), "alpha": make(1, c.chunk_other),
-              "memory": make(dh, c.chunk_memory, c.memory_read)}
+              "memory": make(dh, c.chunk_memory, c.memory_read, remat=True)}
     if c.adaptive_q:
       levels["q"] = make(dh, c.chunk_other)
     adaptive = {"k": c.adaptive_k, "v": c.adaptive_v, "q": True, "eta": True,

@@ -106,16 +106,25 @@ def test_exact_ut_form_with_zero_retention_resets():
 
 END_STATE_RULES = {"gd": Rule("gd"), "gd_momentum": Rule("gd", momentum=True),
                    "gd_stop_grad": Rule("gd", stop_grad_writes=True),
-                   "gd_momentum_stop_grad": Rule("gd", momentum=True, stop_grad_writes=True)}
+                   "gd_momentum_stop_grad": Rule("gd", momentum=True, stop_grad_writes=True),
+                   "dgd": Rule("dgd"),
+                   "dgd_plain_momentum": Rule("dgd", momentum=True, dgd_variant="plain"),
+                   "dgd_neurips_momentum_stop_grad": Rule("dgd", momentum=True,
+                                                          dgd_variant="neurips",
+                                                          stop_grad_writes=True)}
+END_STATE_MEMORIES = {"matrix": MatrixMemory(4, 3, init_scale=1.0),
+                      "mlp_skip": MLPMemory(4, 3, hidden=5, layers=2, activation="silu"),
+                      "mlp_residual": MLPMemory(4, 4, hidden=5, layers=2, activation="silu"),
+                      "mlp_3_layers": MLPMemory(4, 1, hidden=6, layers=3, activation="tanh")}
 
 
 @pytest.mark.parametrize("rule_name", sorted(END_STATE_RULES))
-@pytest.mark.parametrize("memory", ["matrix", "mlp"])
+@pytest.mark.parametrize("memory", sorted(END_STATE_MEMORIES))
 def test_end_state_only_boundary_chunks(rule_name, memory):
-  """Boundary-read GD levels take the end-state-only form (no per-token states); it equals the
-  reference in outputs, states and gradients, with retention resets and unread calls."""
-  mem = (MatrixMemory(4, 3, init_scale=1.0) if memory == "matrix"
-         else MLPMemory(4, 3, hidden=5, layers=2, activation="silu"))
+  """Boundary-read GD and DGD levels take the end-state-only form (no per-token states; DGD's
+  key decay in closed form); it equals the reference in outputs, states and gradients, with
+  retention resets and unread calls."""
+  mem = END_STATE_MEMORIES[memory]
   rule = END_STATE_RULES[rule_name]
   level = Level(mem, L2(), rule, chunk=4, semantics="boundary", read="boundary", heads=2)
   assert chunked.reads_end_state_only(level, has_q=True)
