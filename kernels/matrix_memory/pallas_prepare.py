@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from nlj_kernels.matrix_memory.contract import OpConfig
-from nlj_kernels.matrix_memory.inverse import blocked_inverse, given_inverse
+from nlj.core.triangular import blocked_inverse, given_inverse
 from nlj_kernels.matrix_memory.pallas_recurrence import compiler_params
 from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, chunk_coefficients
 

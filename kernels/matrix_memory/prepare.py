@@ -25,7 +25,7 @@ The equations are written once, for one chunk (:func:`chunk_coefficients`, 2-D t
 operations Pallas lowers: products, ``exp``/``log``, masks, row sums; cumulative sums are masked
 sums), with the triangular inverse ``T`` passed in: :func:`prepare` maps it over
 ``[batch, heads, chunks]`` with a triangular solve or the products-only blocked inverse (plain
-JAX; :mod:`nlj_kernels.matrix_memory.inverse`), and
+JAX; :mod:`nlj.core.triangular`), and
 :mod:`nlj_kernels.matrix_memory.pallas_prepare` runs it inside Pallas kernels with a blocked
 in-kernel inverse.
 """
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from nlj.core.rules import Rule
 from nlj_kernels.matrix_memory.contract import OpConfig
-from nlj_kernels.matrix_memory.inverse import inverse_named
+from nlj.core.triangular import inverse_named
 
 __all__ = ["ChunkCoefficients", "prepare"]
 
@@ -168,7 +168,7 @@ def prepare(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta: jax
     k, q: ``[B, H, N, C, d_k]``; v: ``[B, H, N, C, d_v]``; eta, alpha, beta, mask:
       ``[B, H, N, C]`` (see :func:`chunk_coefficients`).
     inverse: how ``T = (I + N)⁻¹`` is computed, a key of
-      :data:`nlj_kernels.matrix_memory.inverse.INVERSES` (``"solve"`` or ``"blocked"``).
+      :data:`nlj.core.triangular.INVERSES` (``"solve"`` or ``"blocked"``).
 
   Returns:
     :class:`ChunkCoefficients` with leading ``[B, H, N]`` axes, in float32 (float64 stays).

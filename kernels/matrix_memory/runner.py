@@ -20,7 +20,7 @@ from nlj.core.chunked import chunk_layout
 from nlj.core.level import Level, LevelInputs, LevelState
 from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.contract import OpConfig, op_config
-from nlj_kernels.matrix_memory.inverse import inverse_named
+from nlj.core.triangular import inverse_named
 from nlj_kernels.matrix_memory.pallas_prepare import prepare_pallas
 from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, prepare
 from nlj_kernels.matrix_memory.recurrence import chunk_recurrence
@@ -57,7 +57,7 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
       Triton only; opt-in until its GPU check has run: it has compiled and trained a model on an
       H100, but ``benchmarks/kernels_matrix_memory.py --check`` has not yet run it).
     inverse: the plain-JAX stage 1's triangular inverse, ``"solve"`` or ``"blocked"``
-      (:mod:`nlj_kernels.matrix_memory.inverse`; the Pallas stage 1 always uses ``"blocked"``).
+      (:mod:`nlj.core.triangular`; the Pallas stage 1 always uses ``"blocked"``).
   """
   platform = jax.default_backend()
   backend = backend or ("tpu" if platform == "tpu" else "triton")

@@ -31,6 +31,7 @@ from nlj.core.level import Level, LevelInputs, LevelState
 from nlj.core.memories import MatrixMemory
 from nlj.core.objectives import memory_grad
 from nlj.core.recurrence import matrix_recurrence, scalar_recurrence
+from nlj.core.triangular import INVERSES
 from nlj.core.update import masked_scalars, write_token
 
 __all__ = ["run_chunked", "chunk_layout", "chunk_boundary", "chunk_boundary_end",
@@ -117,16 +118,16 @@ def _key_decay(level: Level, memory, momentum, anchor, k, v, c, s, ra, weights, 
   state) + ``(S_0 Kᵀ) diag(c ⊙ H[0, :])`` (the carried momentum) ``- Δᵀ diag(s)
   ((K Kᵀ) ⊙ c ⊙ H[1:, :])`` (token ``i``'s increment ``-s_i δ_i k_iᵀ``; ``δ`` from
   :meth:`~nlj.core.memories.Memory.key_input_cotangents`), ``H`` from :func:`_write_weights`.
-  A trailing block of ``N`` inverts the trailing block of ``I + A``, so one triangular
-  solve serves every start position.
+  A trailing block of ``N`` inverts the trailing block of ``I + A``, so one inverse serves every
+  start position; it is the products-only blocked inverse (:mod:`nlj.core.triangular`), which
+  stays in matrix-unit work on a GPU (a batched triangular solve is a cuBLAS call with a
+  device-to-device copy per call that breaks XLA's command buffers).
   """
   size = k.shape[0]
   t = jnp.arange(size)
   g = ra[1:, size]
   lower = jnp.where(t[:, None] > t[None, :], c[:, None] * ra[1:, :size].T * (k @ k.T), 0)
-  eye = jnp.eye(size, dtype=k.dtype)
-  inv = jax.scipy.linalg.solve_triangular(eye + lower, eye, lower=True, unit_diagonal=True)
-  right = inv.T @ (g[:, None] * k)
+  right = INVERSES["blocked"](lower).T @ (g[:, None] * k)
   point, keys = sg(anchor), sg(k)
   y = level.memory.apply(point, keys)
   dldy = jax.vmap(level.objective.output_grad)(y, sg(v))
@@ -158,7 +159,7 @@ def chunk_boundary_end(level: Level, memory, momentum, anchor, k, v, q, eta, alp
   with ``a_i = Σ_{t>=i} r_t Π_{i<j<=t} β_j``, ``e_i = Π_{j>i} β_j`` and ``P_C = Π_j β_j``; each
   ``Σ_i w_i u_i`` is one VJP (:func:`_weighted_grad`). DGD's key decay ``- c k kᵀ`` adds a
   closed-form term to the key-input weights (:func:`_key_decay`): one ``C × C`` triangular
-  solve, no per-token state or gradient.
+  inverse, no per-token state or gradient.
   """
   rule = level.rule
   c, s, alpha, beta = jax.vmap(lambda *a: masked_scalars(level, *a))(k, eta, alpha, beta, mask)

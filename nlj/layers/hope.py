@@ -16,7 +16,7 @@ option                  default    meaning
 ``momentum``            True       False: "w/o Momentum"
 ``weight_decay``        True       False: "w/o weight decay" (α = 1)
 ``memory_read``         boundary   main-memory read: ``boundary`` (eq. 90), ``before``, ``after``
-``eta_scale``           0.01       inner step ``η = softplus(M_η(x)) · eta_scale``
+``eta_scale``           1e-3       inner step ``η = softplus(M_η(x)) · eta_scale`` (PAPER.md §3.6)
 ``memory_hidden_mult``  2.0        hidden width of the six memory MLPs / head_dim
 ``cms``                 True       False: "w/o CMS" (a SwiGLU MLP instead)
 ``cms_lr``              1e-3       in-context learning rate of every CMS level

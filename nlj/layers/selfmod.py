@@ -65,7 +65,7 @@ class SelfModConfig:
   momentum: bool = True
   beta: float = 0.9
   weight_decay: bool = True
-  eta_scale: float = 0.01
+  eta_scale: float = 1e-3
   stop_grad_targets: bool = False
   memory_read: str = "boundary"
   impl: str = "auto"

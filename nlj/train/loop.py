@@ -42,14 +42,15 @@ import json
 import math
 import os
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from nlj.data import PackedBatches, get_tokenizer, load_corpus
-from nlj.models import DTYPES, PRESETS, count_params
+from nlj.models import DTYPES, PRESETS, ModelConfig, build_model, count_params
 from nlj.train.checkpoint import Checkpoints
 from nlj.train.progress import Progress
 from nlj.train.sharding import (create_train_state, jit_eval_step, jit_train_step, make_mesh,
@@ -57,7 +58,7 @@ from nlj.train.sharding import (create_train_state, jit_eval_step, jit_train_ste
 from nlj.train.step import adamw_cosine, make_eval_step, make_train_step
 from nlj.train.tensorboard import EventWriter
 
-__all__ = ["TrainConfig", "train", "prefetch"]
+__all__ = ["TrainConfig", "train", "prefetch", "model_config", "parse_model_options"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,10 @@ class TrainConfig:
     dtype: the model's compute dtype (``nlj.models.DTYPES``; parameters and memory states stay
       float32).
     remat: recompute each block's forward in the backward pass (``ModelConfig.remat``).
+    model_options: family options added to (or replacing) the preset's ``ModelConfig.options``
+      as ``NAME=VALUE`` pairs separated by commas, e.g. ``eta_scale=0.01,momentum=false`` for
+      the Table 6 ablations of ``hope``; values parse as bool (``true``/``false``), int, float,
+      else str (:func:`parse_model_options`).
   """
 
   family: str = "gated_deltanet"
@@ -108,6 +113,40 @@ class TrainConfig:
   peak_flops: float | None = None
   dtype: str = "float32"
   remat: bool = False
+  model_options: str = ""
+
+
+def parse_model_options(text: str) -> tuple[tuple[str, Any], ...]:
+  """``"eta_scale=0.01,momentum=false"`` -> ``(("eta_scale", 0.01), ("momentum", False))``."""
+  options = []
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    name, sep, value = (part.strip() for part in item.partition("="))
+    if not sep or not name or not value:
+      raise ValueError(f"TrainConfig.model_options: {item!r} is not NAME=VALUE (in {text!r})")
+    options.append((name, _option_value(value)))
+  names = [name for name, _ in options]
+  if len(set(names)) != len(names):
+    raise ValueError(f"TrainConfig.model_options: repeated option name in {text!r}")
+  return tuple(options)
+
+
+def _option_value(text: str) -> Any:
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def model_config(config: TrainConfig) -> ModelConfig:
+  """The preset of ``config`` with its ``dtype``, ``remat`` and ``model_options``."""
+  preset = PRESETS[(config.family, config.size)]
+  options = dict(preset.options) | dict(parse_model_options(config.model_options))
+  return dataclasses.replace(preset, dtype=config.dtype, remat=config.remat,
+                             options=tuple(options.items()))
 
 
 def _check(config: TrainConfig) -> None:
@@ -129,6 +168,11 @@ def _check(config: TrainConfig) -> None:
     raise ValueError(f"TrainConfig.dtype must be one of {DTYPES}, got {config.dtype!r}")
   if not isinstance(config.remat, bool):
     raise ValueError(f"TrainConfig.remat must be a bool, got {config.remat!r}")
+  if parse_model_options(config.model_options):
+    try:  # the family's factories reject options they do not know
+      nnx.eval_shape(lambda: build_model(model_config(config), nnx.Rngs(0)))
+    except ValueError as e:
+      raise ValueError(f"TrainConfig.model_options={config.model_options!r}: {e}") from e
 
 
 def prefetch(batches: PackedBatches, mesh: Mesh, count: int, size: int = 2
@@ -183,12 +227,11 @@ def _plot(records: list[dict], path: str) -> None:
 def train(config: TrainConfig, workdir: str) -> dict:
   """Train (or resume) ``config`` in ``workdir``; returns the ``results.json`` dict."""
   _check(config)
-  model_config = dataclasses.replace(PRESETS[(config.family, config.size)], dtype=config.dtype,
-                                     remat=config.remat)
+  model = model_config(config)
   vocab = get_tokenizer(config.tokenizer).vocab_size
-  if vocab > model_config.vocab:
+  if vocab > model.vocab:
     raise ValueError(f"TrainConfig.tokenizer={config.tokenizer!r} has {vocab} ids, more than the "
-                     f"{model_config.vocab} of preset ({config.family!r}, {config.size!r})")
+                     f"{model.vocab} of preset ({config.family!r}, {config.size!r})")
   main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   corpus = load_corpus("offline-mix", config.tokenizer)
@@ -198,7 +241,7 @@ def train(config: TrainConfig, workdir: str) -> dict:
                      f"of TrainConfig.mesh={config.mesh!r} ({dict(mesh.shape)})")
   optimizer, schedule = adamw_cosine(config.learning_rate, config.warmup, config.steps,
                                      config.weight_decay, config.grad_clip)
-  graphdef, state, shardings = create_train_state(model_config, optimizer, config.seed, mesh)
+  graphdef, state, shardings = create_train_state(model, optimizer, config.seed, mesh)
   train_step = jit_train_step(make_train_step(graphdef, optimizer, schedule), shardings, mesh)
   eval_step = jit_eval_step(make_eval_step(graphdef), shardings, mesh)
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -217,7 +260,7 @@ def train(config: TrainConfig, workdir: str) -> dict:
     events.restart(start + 1)
   pending, tick, run_start = [], time.perf_counter(), time.perf_counter()
   tokens = config.batch_size * config.seq_len
-  params = count_params(model_config)
+  params = count_params(model)
 
   def log(step: int, interval: list[dict]) -> None:
     """Fetch one log interval's metrics (the host's only sync) and write its record."""

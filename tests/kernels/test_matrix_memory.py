@@ -19,7 +19,6 @@ from nlj.core.objectives import L2, DotProduct, Huber
 from nlj.core.reference import run_reference
 from nlj_kernels.matrix_memory import OpConfig, matrix_memory, run_level, unsupported_reason
 from nlj_kernels.matrix_memory import pallas_recurrence
-from nlj_kernels.matrix_memory.inverse import blocked_inverse, solve_inverse
 from nlj_kernels.matrix_memory.prepare import prepare
 from tests.core.helpers import max_diff, random_inputs, slice_inputs
 
@@ -268,21 +267,6 @@ def test_launch_options_name_bad_backends():
     run_level(make_level("gated_deltanet"), None, None, backend="tpu", stage1="pallas")
   with pytest.raises(ValueError, match="inverse must be one of"):
     run_level(make_level("gated_deltanet"), None, None, inverse="lu")
-
-
-@pytest.mark.parametrize("size", [16, 32, 64, 128])
-def test_blocked_inverse_float32_with_repeated_keys(size):
-  """The in-kernel inverse against a float64 solve, on random keys and on the worst case the
-  docstring names (many identical unit keys with steps near 1)."""
-  with jax.enable_x64(True):
-    keys = jax.random.normal(jax.random.PRNGKey(size), (size, 32), jnp.float64)
-    keys = keys / jnp.linalg.norm(keys, axis=-1, keepdims=True)
-    repeated = keys.at[size // 4:].set(keys[size // 4])
-    for k, step in ((keys, 0.9), (repeated, 0.99)):
-      n = jnp.tril(step * (k @ k.T), -1)
-      want = solve_inverse(n)
-      got = blocked_inverse(n.astype(jnp.float32)).astype(jnp.float64)
-      assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-4
 
 
 @pytest.mark.parametrize("momentum", [False, True])

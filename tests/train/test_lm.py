@@ -8,7 +8,7 @@ import pytest
 
 import nlj_experiments
 from nlj.models import families
-from nlj.train.loop import TrainConfig, train
+from nlj.train.loop import TrainConfig, model_config, parse_model_options, train
 from tests.train.events import event_files, read_events
 
 
@@ -61,9 +61,28 @@ def test_gated_deltanet_tiny_runs_and_resumes(tmp_path):
 @pytest.mark.parametrize("field, value", [("steps", 0), ("family", "nope"), ("tokenizer", "gpt2"),
                                           ("batch_size", 12), ("peak_flops", 0.0),
                                           ("warmup", 1000), ("dtype", "int8"),
-                                          ("remat", "yes")])
+                                          ("remat", "yes"), ("model_options", "eta_scale")])
 @pytest.mark.needs_8_devices
 def test_bad_config_names_the_field(tmp_path, field, value):
   config = dataclasses.replace(TrainConfig(), mesh="data:8", **{field: value})
   with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+    train(config, str(tmp_path))
+
+
+def test_model_options_reach_the_preset():
+  config = TrainConfig(family="hope", size="tiny",
+                       model_options="eta_scale=0.01, momentum=false,cms_variant=nested,beta=1")
+  assert parse_model_options(config.model_options) == (
+      ("eta_scale", 0.01), ("momentum", False), ("cms_variant", "nested"), ("beta", 1))
+  options = dict(model_config(config).options)
+  assert options["eta_scale"] == 0.01 and options["momentum"] is False
+  assert model_config(TrainConfig(family="hope", size="tiny")).options == ()
+
+
+@pytest.mark.parametrize("text, match", [("eta_scale=", "not NAME=VALUE"),
+                                         ("beta=0.5,beta=0.9", "repeated"),
+                                         ("etta_scale=0.01", "unknown option")])
+def test_bad_model_options_name_the_field(tmp_path, text, match):
+  config = TrainConfig(family="hope", size="tiny", model_options=text)
+  with pytest.raises(ValueError, match=f"TrainConfig.model_options.*{match}"):
     train(config, str(tmp_path))

@@ -1,6 +1,7 @@
-"""``T = (I + N)⁻¹`` of a chunk's strictly lower-triangular ``N [C, C]`` (the WY/UT form of
-stage 1), three ways, all with the inverse's own derivative ``dN = -Tᵀ dT Tᵀ`` (strictly lower
-part) instead of autodiff through the algorithm:
+"""``T = (I + N)⁻¹`` of a chunk's strictly lower-triangular ``N [C, C]`` (the WY/UT forms of the
+delta rule: the matrix-memory kernel's stage 1, DGD's end state in
+:func:`nlj.core.chunked.chunk_boundary_end`), three ways, all with the inverse's own derivative
+``dN = -Tᵀ dT Tᵀ`` (strictly lower part) instead of autodiff through the algorithm:
 
 - ``solve``: a triangular solve against the identity (stable for any ``N``);
 - ``blocked``: products only (:func:`blocked_inverse`), which batches into matrix-unit work;
@@ -10,7 +11,6 @@ part) instead of autodiff through the algorithm:
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
@@ -28,12 +28,14 @@ def _iota_pair(size: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _neumann(x: jax.Array, terms: int) -> jax.Array:
-  """``Σ_{j < terms} (-x)^j = (I - x)(I + x²)(I + x⁴)...`` for nilpotent ``x`` (``x^terms = 0``)."""
+  """``Σ_{j < terms} (-x)^j = (I - x)(I + x²)(I + x⁴)...`` for nilpotent ``x`` (``x^terms = 0``):
+  the factors up to the first power of two ``>= terms``."""
   rows, cols = _iota_pair(x.shape[0])
-  out, power = (rows == cols).astype(x.dtype) - x, x
-  for _ in range(max(0, int(math.log2(terms)) - 1)):
+  out, power, covered = (rows == cols).astype(x.dtype) - x, x, 2
+  while covered < terms:
     power = jnp.dot(power, power)
     out = out + jnp.dot(out, power)
+    covered *= 2
   return out
 
 
@@ -54,7 +56,7 @@ def blocked_inverse(n: jax.Array) -> jax.Array:
   if size == block:
     return d
   x = jnp.dot(d, jnp.where(same, 0.0, n))
-  return jnp.dot(_neumann(x, size // block), d)
+  return jnp.dot(_neumann(x, -(-size // block)), d)
 
 
 def solve_inverse(n: jax.Array) -> jax.Array:
