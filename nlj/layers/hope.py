@@ -31,7 +31,6 @@ Chunk sizes come from ``ModelConfig.chunk`` (``C_memory``), ``chunk_others`` and
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
@@ -53,18 +52,9 @@ _SELFMOD_OPTIONS = {"adaptive_q": "adaptive_q", "adaptive_k": "adaptive_k",
 _CMS_OPTIONS = ("cms", "cms_lr", "cms_variant", "cms_signal", "cms_hidden_mult")
 
 
-def _options(config: ModelConfig) -> dict[str, Any]:
-  options = dict(config.options)
-  unknown = set(options) - set(_SELFMOD_OPTIONS) - set(_CMS_OPTIONS)
-  if unknown:
-    raise ValueError(f"ModelConfig.options: unknown option(s) {sorted(unknown)} for family "
-                     f"{config.family!r}; known: {sorted(_SELFMOD_OPTIONS) + list(_CMS_OPTIONS)}")
-  return options
-
-
 def selfmod_config(config: ModelConfig) -> SelfModConfig:
   """The self-modifying Titans mixer of ``config`` (chunks, conv, impl and options)."""
-  options = _options(config)
+  options = dict(config.options)
   extra = {field: options[name] for name, field in _SELFMOD_OPTIONS.items() if name in options}
   return SelfModConfig(config.d_model, config.heads, chunk_memory=config.chunk,
                        chunk_other=config.chunk_others, conv=config.conv_width,
@@ -73,7 +63,7 @@ def selfmod_config(config: ModelConfig) -> SelfModConfig:
 
 def cms_config(config: ModelConfig) -> CMSConfig:
   """The CMS of ``config``: ``cms_chunks`` levels sharing one MLP's parameter budget."""
-  options = _options(config)
+  options = dict(config.options)
   levels = len(config.cms_chunks)
   return CMSConfig(config.d_model, chunks=config.cms_chunks,
                    lrs=(float(options.get("cms_lr", 1e-3)),) * levels,
@@ -93,11 +83,11 @@ def _make_attention(config: ModelConfig, layer: int, rngs: nnx.Rngs) -> Attentio
 
 
 def _make_cms(config: ModelConfig, layer: int, rngs: nnx.Rngs):
-  if not _options(config).get("cms", True):
+  if not dict(config.options).get("cms", True):
     return default_mlp(config, layer, rngs)
   return ContinuumMemory(cms_config(config), rngs, jnp.dtype(config.param_dtype))
 
 
-register_family("self_mod_titans", _make_selfmod)
-register_family("hope", _make_selfmod, _make_cms)
-register_family("hope_attention", _make_attention, _make_cms)
+register_family("self_mod_titans", _make_selfmod, options=tuple(_SELFMOD_OPTIONS))
+register_family("hope", _make_selfmod, _make_cms, tuple(_SELFMOD_OPTIONS) + _CMS_OPTIONS)
+register_family("hope_attention", _make_attention, _make_cms, _CMS_OPTIONS)

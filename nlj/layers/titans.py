@@ -336,18 +336,11 @@ class TitansMAL(nnx.Module):
     return y, MALCache(memory_cache, attn_cache)
 
 
-_TITANS_OPTIONS = ("segment", "window", "persistent", "eta_scale", "expansion")
-
-
 def _titans_factory(cls, keys: tuple[str, ...]):
   """``make_mixer(config, layer, rngs)`` reading ``keys`` from ``ModelConfig.options``."""
 
   def make_mixer(config, layer: int, rngs: nnx.Rngs):
     options = dict(config.options)
-    unknown = set(options) - set(_TITANS_OPTIONS)
-    if unknown:
-      raise ValueError(f"ModelConfig.options: unknown option(s) {sorted(unknown)} for family "
-                       f"{config.family!r}; known: {list(_TITANS_OPTIONS)}")
     extra = {k: options[k] for k in keys if k in options}
     return cls(config.d_model, config.heads, chunk=config.chunk, conv=config.conv_width,
                impl=config.impl, dtype=jnp.dtype(config.dtype),
@@ -356,10 +349,11 @@ def _titans_factory(cls, keys: tuple[str, ...]):
   return make_mixer
 
 
-register_family("titans_lmm", _titans_factory(TitansLMM, ("eta_scale", "expansion")))
-register_family("titans_mac", _titans_factory(
-    TitansMAC, ("segment", "persistent", "eta_scale", "expansion")))
-register_family("titans_mag", _titans_factory(
-    TitansMAG, ("window", "persistent", "eta_scale", "expansion")))
-register_family("titans_mal", _titans_factory(
-    TitansMAL, ("window", "persistent", "eta_scale", "expansion")))
+for _name, _cls, _keys in (("titans_lmm", TitansLMM, ("eta_scale", "expansion")),
+                           ("titans_mac", TitansMAC, ("segment", "persistent", "eta_scale",
+                                                      "expansion")),
+                           ("titans_mag", TitansMAG, ("window", "persistent", "eta_scale",
+                                                      "expansion")),
+                           ("titans_mal", TitansMAL, ("window", "persistent", "eta_scale",
+                                                      "expansion"))):
+  register_family(_name, _titans_factory(_cls, _keys), options=_keys)

@@ -17,7 +17,7 @@ from flax import nnx
 
 from nlj.layers.common import RMSNorm, SwiGLU
 from nlj.models.configs import PRESET_FAMILIES, ModelConfig
-from nlj.models.registry import get_family, families
+from nlj.models.registry import check_options, families, get_family
 
 __all__ = ["Block", "default_mlp", "swiglu_hidden", "layer_families", "check_families"]
 
@@ -60,6 +60,7 @@ class Block(nnx.Module):
   """``x + mixer(norm(x))``, then ``+ mlp(norm(·))``, for layer ``layer`` of ``config``."""
 
   def __init__(self, config: ModelConfig, layer: int, rngs: nnx.Rngs):
+    check_options(config.options, layer_families(config))
     family = get_family(layer_families(config)[layer])
     param_dtype = jnp.dtype(config.param_dtype)
     self.family = family.name

@@ -31,7 +31,7 @@ import importlib.util
 from typing import Any, Callable
 
 __all__ = ["FAMILY_MODULES", "Family", "register_family", "get_family", "families",
-           "load_families"]
+           "load_families", "check_options"]
 
 Factory = Callable[..., Any]  # (config, layer, rngs) -> module
 
@@ -46,13 +46,18 @@ class Family:
   name: str
   make_mixer: Factory
   make_mlp: Factory | None = None
+  options: tuple[str, ...] = ()
 
 
 _FAMILIES: dict[str, Family] = {}
 
 
-def register_family(name: str, make_mixer: Factory, make_mlp: Factory | None = None) -> None:
+def register_family(name: str, make_mixer: Factory, make_mlp: Factory | None = None,
+                    options: tuple[str, ...] = ()) -> None:
   """Register family ``name`` (see the module docstring for the factory signatures).
+
+  ``options`` names the ``ModelConfig.options`` its factories read; building a block rejects
+  any other name (:func:`check_options`), so no option is silently ignored.
 
   Registering the same factories again is a no-op; different factories under a registered name
   raise, so two modules cannot silently shadow each other.
@@ -62,7 +67,9 @@ def register_family(name: str, make_mixer: Factory, make_mlp: Factory | None = N
   for field, value in (("make_mixer", make_mixer), ("make_mlp", make_mlp)):
     if value is not None and not callable(value):
       raise ValueError(f"register_family({name!r}): {field} must be callable, got {value!r}")
-  family = Family(name, make_mixer, make_mlp)
+  if not isinstance(options, tuple) or not all(isinstance(o, str) for o in options):
+    raise ValueError(f"register_family({name!r}): options must be a tuple of str, got {options!r}")
+  family = Family(name, make_mixer, make_mlp, options)
   if _FAMILIES.get(name, family) != family:
     raise ValueError(f"family {name!r} is already registered with other factories")
   _FAMILIES[name] = family
@@ -90,3 +97,13 @@ def get_family(name: str) -> Family:
   if name not in _FAMILIES:
     raise ValueError(f"unknown family {name!r}; registered: {sorted(_FAMILIES)}")
   return _FAMILIES[name]
+
+
+def check_options(options: tuple[tuple[str, Any], ...], names: tuple[str, ...]) -> None:
+  """Raise a ValueError naming ``ModelConfig.options`` when an option is read by none of the
+  families ``names`` (those a model's layer pattern uses)."""
+  known = sorted({o for name in names for o in get_family(name).options})
+  unknown = sorted(set(dict(options)) - set(known))
+  if unknown:
+    raise ValueError(f"ModelConfig.options: unknown option(s) {unknown} for families "
+                     f"{sorted(set(names))}; known: {known}")

@@ -205,3 +205,14 @@ def test_unregistered_families_and_bad_inputs_are_named():
     model(_tokens(seq=3), model.init_cache(B, T)[:1])
   with pytest.raises(ValueError, match="ModelConfig"):
     build_model(object(), nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("family, options", [("transformer", (("window", 4),)),
+                                             ("gated_deltanet", (("eta_scale", 0.1),)),
+                                             ("titans_lmm", (("window", 4),)),
+                                             ("hope_attention", (("momentum", False),))])
+def test_options_no_family_reads_are_rejected(family, options):
+  """An option that none of the pattern's families reads is an error, not silently ignored."""
+  config = dataclasses.replace(PRESETS[(family, "tiny")], layers=1, options=options)
+  with pytest.raises(ValueError, match=f"ModelConfig.options: unknown option.*{options[0][0]}"):
+    build_model(config, nnx.Rngs(0))
