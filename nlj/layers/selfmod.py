@@ -13,7 +13,11 @@ Chunk-wise semantics (eq. 90 with the causal reading of PAPER.md §8 item 2): ev
 and gradient of a token uses the memory state at the previous boundary of that memory's chunk,
 ``chunk_memory`` tokens for ``M_memory`` and ``chunk_other`` tokens for the others (two
 frequencies; ``chunk_other`` divides ``chunk_memory``). The main memory is the outer level of a
-nested scan (:func:`nlj.core.run_nested`), the projection memories scan inside its chunks.
+nested scan (:func:`nlj.core.run_nested`), the projection memories scan inside its chunks; there
+the learning projection memories of one output width (``k``, ``v``, ``q``; ``η``, ``α``) run as
+one level with their heads side by side, so a sub-chunk reads and steps each group once (the
+cache keeps them by name). They are read only at their boundary, so each sub-chunk computes
+only their end state (:func:`nlj.core.chunked.chunk_boundary_end`).
 
 The main memory is read at its chunk boundary by default (eq. 90 literally, DESIGN.md §4);
 ``memory_read="before"`` reads ``M_{t-1}`` (eq. 94) and ``"after"`` reads ``M_t``, both with the
@@ -41,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nlj.core import L2, Level, LevelInputs, MLPMemory, Rule, run_nested
+from nlj.core import L2, Level, LevelInputs, LevelState, MLPMemory, Rule, run_nested
 from nlj.layers.common import GatedRMSNorm, ShortConv, dense, l2_normalize
 
 __all__ = ["SelfModConfig", "SelfModCache", "SelfModifyingTitans"]
@@ -123,6 +127,13 @@ class SelfModifyingTitans(nnx.Module):
     # Static structure as tuples: NNX graph definitions must hash.
     self._levels = tuple(levels.items())
     self._learning = tuple(n for n in levels if adaptive[n] and n != "memory") + ("memory",)
+    # Learning projection memories of one output width run as one level over their heads side
+    # by side (k, v and q; η and α), so a sub-chunk reads and steps each group once.
+    widths = {n: levels[n].memory.d_out for n in self._learning if n != "memory"}
+    self._groups = tuple((tuple(n for n in widths if widths[n] == w),
+                          dataclasses.replace(levels[next(n for n in widths if widths[n] == w)],
+                                              heads=c.heads * list(widths.values()).count(w)))
+                         for w in dict.fromkeys(widths.values()))
     self.init_params = nnx.Dict({name: nnx.Param(lv.init(rngs.params(), param_dtype))
                                  for name, lv in self._levels})
     if not c.adaptive_q:
@@ -151,21 +162,56 @@ class SelfModifyingTitans(nnx.Module):
 
   # ---------------------------------------------------------------------------- the pieces
 
-  def _reader(self, levels: dict, name: str, batch: int):
-    """``z [B, T, H, d_h] -> M_name(z)`` at the boundary (anchor) state, or the static init."""
-    level = self.levels[name]
-    if name in levels:
-      params = levels[name].anchor
-    else:
-      params = jax.tree.map(lambda p: jnp.broadcast_to(p[None], (batch,) + p.shape),
-                            self.init_params[name].get_value())
-    return lambda z: level.apply(params, z.astype(jax.tree.leaves(params)[0].dtype))
+  def _read(self, level: Level, params: Any, z: jax.Array) -> jax.Array:
+    return level.apply(params, z.astype(jax.tree.leaves(params)[0].dtype))
+
+  def _reads(self, levels: dict, names: tuple[str, ...], z: jax.Array) -> dict:
+    """``{name: M_name(z)}`` for ``z [B, T, H, d_h]``, each memory at its boundary (anchor)
+    state, or its static initial state when it does not learn. ``levels`` maps names, or group
+    names (tuples, :meth:`_grouped`), to states; a group is read in one call over its heads."""
+    out = {}
+    for key, state in levels.items():
+      members = key if isinstance(key, tuple) else (key,)
+      if not set(members) & set(names):
+        continue
+      level = self._group_level(key)
+      zz = jnp.concatenate([z] * len(members), axis=2) if len(members) > 1 else z
+      out.update(zip(members, jnp.split(self._read(level, state.anchor, zz), len(members), 2)))
+    for name in names:
+      if name not in out:
+        params = jax.tree.map(lambda p: jnp.broadcast_to(p[None], (z.shape[0],) + p.shape),
+                              self.init_params[name].get_value())
+        out[name] = self._read(self.levels[name], params, z)
+    return out
+
+  def _group_level(self, key) -> Level:
+    if isinstance(key, tuple):
+      return dict(self._groups)[key]
+    return self.levels[key]
+
+  def _grouped(self, levels: dict) -> dict:
+    """Per-name projection-memory states -> per-group states (heads side by side)."""
+    cat = lambda *xs: jnp.concatenate(xs, axis=1)
+    return {names: LevelState(*(jax.tree.map(cat, *(getattr(levels[n], f) for n in names))
+                                for f in ("memory", "momentum", "anchor")),
+                              levels[names[0]].phase)
+            for names, _ in self._groups}
+
+  def _ungrouped(self, groups: dict) -> dict:
+    """Inverse of :meth:`_grouped`."""
+    out = {}
+    for names, state in groups.items():
+      for i, name in enumerate(names):
+        part = lambda x, i=i, n=len(names): jnp.split(x, n, axis=1)[i]
+        out[name] = LevelState(*(jax.tree.map(part, getattr(state, f))
+                                 for f in ("memory", "momentum", "anchor")), state.phase)
+    return out
 
   def _project(self, levels: dict, conv: dict, x: jax.Array):
     """Keys, values, queries, η, α and all targets of a span read at the boundary states.
 
     Args:
-      levels: name -> LevelState (anchors are the boundary states).
+      levels: name (or group, :meth:`_grouped`) -> LevelState; anchors are the boundary states.
       conv: name -> conv tail.
       x: ``[B, T, d_model]`` (normalised block input).
 
@@ -177,19 +223,21 @@ class SelfModifyingTitans(nnx.Module):
     b, t, _ = x.shape
     heads = lambda z: z.reshape(b, t, c.heads, c.head_dim)
     flat = lambda z: z.reshape(b, t, c.d_model)
-    xh = heads(x)  # each reader casts to its memory's dtype
-    read = lambda name: self._reader(levels, name, b)
-    q_raw = flat(read("q")(xh)) if c.adaptive_q else self.w_q(x)
-    raw = {"q": q_raw, "k": flat(read("k")(xh)), "v": flat(read("v")(xh))}
+    xh = heads(x)  # each read casts to its memory's dtype
+    names = ("q",) * c.adaptive_q + ("k", "v", "eta") + ("alpha",) * c.weight_decay
+    read = self._reads(levels, names, xh)
+    raw = {"q": flat(read["q"]) if c.adaptive_q else self.w_q(x),
+           "k": flat(read["k"]), "v": flat(read["v"])}
     out = {}
     for n in "qkv":
       y, conv[n] = self.convs[n](raw[n].astype(self.state_dtype), conv[n])
       out[n] = heads(jax.nn.silu(y))
     k, q, v = l2_normalize(out["k"]), l2_normalize(out["q"]), out["v"]
-    eta = jax.nn.softplus(read("eta")(xh)[..., 0]) * c.eta_scale
-    alpha = jax.nn.sigmoid(read("alpha")(xh)[..., 0]) if c.weight_decay else None
+    eta = jax.nn.softplus(read["eta"][..., 0]) * c.eta_scale
+    alpha = jax.nn.sigmoid(read["alpha"][..., 0]) if c.weight_decay else None
     sg = jax.lax.stop_gradient if c.stop_grad_targets else (lambda z: z)
-    targets = {n: sg(read(n)(v)) for n in levels}
+    learning = [n for key in levels for n in (key if isinstance(key, tuple) else (key,))]
+    targets = {n: sg(t) for n, t in self._reads(levels, tuple(learning), v).items()}
     return conv, k, v, q, eta, alpha, targets
 
   def _output(self, o: jax.Array, x: jax.Array) -> jax.Array:
@@ -223,7 +271,6 @@ class SelfModifyingTitans(nnx.Module):
     c = self.config
     if x.shape[1] == 0:
       return cache, jnp.zeros(x.shape[:2] + (c.heads, c.head_dim))
-    inner_names = [n for n in cache.levels if n != "memory"]
     per = c.chunk_memory // c.chunk_other
 
     def inner(memory, carry, x_chunk):
@@ -231,12 +278,16 @@ class SelfModifyingTitans(nnx.Module):
       sub = jnp.swapaxes(x_chunk.reshape(b, per, c.chunk_other, -1), 0, 1)
 
       def sub_step(carry, xs):
-        levels, conv = carry
-        both = dict(levels, memory=_frozen(memory))
+        groups, conv = carry
+        both = dict(groups, memory=_frozen(memory))
         conv, k, _, q, eta, alpha, targets = self._project(both, conv, xs)
-        levels = {n: self.levels[n].step(levels[n], LevelInputs(k, targets[n], None, eta, alpha),
-                                         impl=c.impl)[0] for n in inner_names}
-        return (levels, conv), (q, k, targets["memory"], eta, alpha)
+        new = {}
+        for names, level in self._groups:
+          tile = lambda z: None if z is None else jnp.concatenate([z] * len(names), axis=2)
+          inputs = LevelInputs(tile(k), jnp.concatenate([targets[n] for n in names], axis=2),
+                               None, tile(eta), tile(alpha))
+          new[names] = level.step(groups[names], inputs, impl=c.impl)[0]
+        return (new, conv), (q, k, targets["memory"], eta, alpha)
 
       carry, (q, k, v_hat, eta, alpha) = jax.lax.scan(sub_step, carry, sub)
       merge = lambda z: jnp.swapaxes(z, 0, 1).reshape((b, c.chunk_memory) + z.shape[3:])
@@ -245,10 +296,10 @@ class SelfModifyingTitans(nnx.Module):
       return carry, None, LevelInputs(k, v_hat, q, eta, alpha)
 
     levels = cache.levels
-    inner_state = ({n: levels[n] for n in inner_names}, cache.conv)
-    (memory_state, (inner_levels, conv)), (_, o) = run_nested(
+    inner_state = (self._grouped(levels), cache.conv)
+    (memory_state, (groups, conv)), (_, o) = run_nested(
         self.levels["memory"], levels["memory"], inner, inner_state, x, impl=c.impl)
-    return SelfModCache(dict(inner_levels, memory=memory_state), conv, cache.phase), o
+    return SelfModCache(dict(self._ungrouped(groups), memory=memory_state), conv, cache.phase), o
 
   def __call__(self, x: jax.Array, cache: SelfModCache | None = None,
                reference: bool = False) -> tuple[jax.Array, SelfModCache]:
