@@ -129,11 +129,12 @@ class SelfModifyingTitans(nnx.Module):
     self._learning = tuple(n for n in levels if adaptive[n] and n != "memory") + ("memory",)
     # Learning projection memories of one output width run as one level over their heads side
     # by side (k, v and q; η and α), so a sub-chunk reads and steps each group once.
-    widths = {n: levels[n].memory.d_out for n in self._learning if n != "memory"}
-    self._groups = tuple((tuple(n for n in widths if widths[n] == w),
-                          dataclasses.replace(levels[next(n for n in widths if widths[n] == w)],
-                                              heads=c.heads * list(widths.values()).count(w)))
-                         for w in dict.fromkeys(widths.values()))
+    by_width: dict[int, list[str]] = {}
+    for n in self._learning[:-1]:
+      by_width.setdefault(levels[n].memory.d_out, []).append(n)
+    self._groups = tuple((tuple(names), dataclasses.replace(levels[names[0]],
+                                                            heads=c.heads * len(names)))
+                         for names in by_width.values())
     self.init_params = nnx.Dict({name: nnx.Param(lv.init(rngs.params(), param_dtype))
                                  for name, lv in self._levels})
     if not c.adaptive_q:
