@@ -46,11 +46,12 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
 from nlj.data import PackedBatches, get_tokenizer, load_corpus
-from nlj.models import DTYPES, PRESETS, ModelConfig, build_model, count_params
+from nlj.models import DTYPES, PRESETS, ModelConfig, count_params
+from nlj.models.blocks import layer_families
+from nlj.models.registry import check_options
 from nlj.train.checkpoint import Checkpoints
 from nlj.train.progress import Progress
 from nlj.train.sharding import (create_train_state, jit_eval_step, jit_train_step, make_mesh,
@@ -169,8 +170,9 @@ def _check(config: TrainConfig) -> None:
   if not isinstance(config.remat, bool):
     raise ValueError(f"TrainConfig.remat must be a bool, got {config.remat!r}")
   if parse_model_options(config.model_options):
-    try:  # the family's factories reject options they do not know
-      nnx.eval_shape(lambda: build_model(model_config(config), nnx.Rngs(0)))
+    model = model_config(config)
+    try:  # options no family of the model reads
+      check_options(model.options, layer_families(model))
     except ValueError as e:
       raise ValueError(f"TrainConfig.model_options={config.model_options!r}: {e}") from e
 
