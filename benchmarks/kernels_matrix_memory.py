@@ -9,8 +9,8 @@ bfloat16 inputs; and a poisoned-output run (every element of ``y`` and ``S`` wri
 
 ``--bench``: forward and forward+backward milliseconds (median of ``--repeats``) at
 B×T×H×D ∈ {8×2048, 4×4096, 2×8192, 1×16384} × 16 × 128 with bfloat16 inputs, for the kernel
-(Gated DeltaNet semantics with the plain-JAX and the Pallas stage 1, and Titans' linear memory
-with momentum), the chunked JAX form of the
+(Gated DeltaNet semantics with the plain-JAX stage 1 and with the WY products by the Pallas
+kernels, and Titans' linear memory with momentum), the chunked JAX form of the
 same level (float32, as ``Level.run`` computes), and jax-linear-attention's Gated DeltaNet
 (Pallas Mosaic GPU and plain JAX) when ``jla`` is importable. Ceilings (bf16 matmul TFLOP/s,
 device copy GB/s) are measured in the same run. Prints a table and writes JSON.
@@ -32,7 +32,7 @@ from nlj.core.objectives import L2, DotProduct
 from nlj.core.reference import run_reference
 from nlj_kernels.matrix_memory import OpConfig, matrix_memory, run_level
 from nlj_kernels.matrix_memory import pallas_recurrence
-from nlj_kernels.matrix_memory.pallas_prepare import prepare_pallas
+from nlj_kernels.matrix_memory.pallas_wy import prepare_pallas
 from nlj_kernels.matrix_memory.prepare import prepare
 from nlj_kernels.matrix_memory.runner import launch_options
 from timing import timed
@@ -125,10 +125,7 @@ def check(report: dict, cases: list[int], stage1: str) -> None:
       print("check", rows[-1], flush=True)
     config = OpConfig(64, "exact", "l2", "after", grad_at_retained=True)  # poisoned outputs
     inp = inputs(jax.random.PRNGKey(3), 2, 256, 4, 128)
-    mask = jnp.ones((2, 4, 4, 64))
-    chunked = lambda x: jnp.moveaxis(x.reshape((2, 4, 64) + x.shape[2:]), 3, 1)
-    coeffs = prepare(config, *(chunked(x) for x in inp[:3]), chunked(inp.eta),
-                     chunked(inp.alpha), chunked(inp.beta), mask)
+    coeffs = prepare(config, *inp[:3], inp.eta, inp.alpha, inp.beta, jnp.ones(inp.eta.shape))
     fields = tuple(getattr(coeffs, f) for f in pallas_recurrence.CHUNK_FIELDS)
     s0 = jax.random.normal(jax.random.PRNGKey(4), (2, 4, 128, 128))
     interpret = launch_options().interpret
@@ -167,26 +164,27 @@ VARIANTS = {  # label: (op, launch options) of our kernel in --bench
     "pallas_gdn_bv64_w8": ("gdn", {"num_warps": 8}),
     "pallas_gdn_bv128_w8": ("gdn", {"block_v": 128, "num_warps": 8}),
     "pallas_gdn_stage1_pallas": ("gdn", {"stage1": "pallas"}),
+    "pallas_gdn_stage1_pallas_w8": ("gdn", {"stage1": "pallas", "num_warps": 8}),
     "pallas_titans_momentum": ("titans", {}),
-    "pallas_titans_momentum_stage1_pallas": ("titans", {"stage1": "pallas"}),
 }
 PEERS = ("chunked", "jla")
 BENCH_OPS = {"gdn": OpConfig(64, "exact", "l2", "after", grad_at_retained=True),
              "titans": OpConfig(64, "boundary", "l2", "after", momentum=True)}
 
 
-def stage1_only(config: OpConfig, inp: LevelInputs, stage1: str = "jax", inverse: str = "solve"):
+def stage1_only(config: OpConfig, inp: LevelInputs, **launch):
   """Jitted forward and gradient of stage 1 alone (the per-chunk coefficients), for the
-  breakdown of a variant's time; inputs ``[B, T, H, ·]`` with ``T % chunk == 0``."""
-  size = config.chunk
+  breakdown of a variant's time; inputs ``[B, T, H, ·]`` with ``T % chunk == 0``; ``launch``
+  as :func:`~nlj_kernels.matrix_memory.runner.launch_options`."""
+  options = launch_options(**launch)
   mask = jnp.ones(inp.eta.shape, inp.eta.dtype)
-  chunked = lambda x: jnp.moveaxis(x.reshape((x.shape[0], -1, size) + x.shape[2:]), 3, 1)
 
   def fwd(i):
     args = (i.k, i.v, i.q, i.eta, i.alpha, i.beta, mask)
-    if stage1 == "pallas":
-      return prepare_pallas(config, *args, interpret=launch_options().interpret)
-    return prepare(config, *(chunked(x) for x in args), inverse=inverse)
+    if options.stage1 == "pallas":
+      return prepare_pallas(config, *args, num_warps=options.num_warps,
+                            interpret=options.interpret, backend=options.backend)
+    return prepare(config, *args, inverse=options.inverse)
 
   def loss(i):
     return sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(fwd(i)))

@@ -21,13 +21,13 @@ add no momentum to ``S``, are zero columns of ``Γ``); then ``Vu = s ⊙ V``,
 ``Kw = [l2] s ⊙ K``, ``Qs = γ ⊙ Q``, ``Qm = m ⊙ Q``, ``P = A ∘ (Q Kᵀ)``, ``Kd = A_{C,·} ⊙ K``,
 ``Km = (B_C/B_t) ⊙ K``, ``gs = γ_C``, ``mc = m_C``, ``gm = B_C`` (strict versions for ``before``).
 
-The equations are written once, for one chunk (:func:`chunk_coefficients`, 2-D tiles, only
-operations Pallas lowers: products, ``exp``/``log``, masks, row sums; cumulative sums are masked
-sums), with the triangular inverse ``T`` passed in: :func:`prepare` maps it over
-``[batch, heads, chunks]`` with a triangular solve or the products-only blocked inverse (plain
-JAX; :mod:`nlj.core.triangular`), and
-:mod:`nlj_kernels.matrix_memory.pallas_prepare` runs it inside Pallas kernels with a blocked
-in-kernel inverse.
+The equations are written once, for one chunk, in two parts: :func:`chunk_parts` (everything
+but the WY products, and the per-token :class:`WYScalars` those need) and :func:`wy_products`
+(``Kw``, ``Vu`` and the anchor's share ``Ka``, with the triangular inverse passed in);
+:func:`chunk_coefficients` joins them. :func:`prepare` maps both over ``[batch, heads, chunks]``
+in plain JAX with a triangular solve or the products-only blocked inverse
+(:mod:`nlj.core.triangular`); :mod:`nlj_kernels.matrix_memory.pallas_wy` maps
+:func:`chunk_parts` the same way and computes the WY products in Pallas kernels.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from nlj.core.rules import Rule
 from nlj_kernels.matrix_memory.contract import OpConfig
 from nlj.core.triangular import inverse_named
 
-__all__ = ["ChunkCoefficients", "prepare"]
+__all__ = ["ChunkCoefficients", "WYScalars", "anchors_writes", "chunk_coefficients",
+           "chunk_inputs", "chunk_parts", "prepare", "to_chunks", "wy_products"]
 
 
 class ChunkCoefficients(NamedTuple):
@@ -101,27 +102,42 @@ def _mm(a: jax.Array, b: jax.Array, trans_b: bool = False) -> jax.Array:
 Inverse = Callable[[jax.Array], jax.Array]  # strictly lower N [C, C] -> (I + N)^-1
 
 
-def chunk_coefficients(config: OpConfig, inverse: Inverse, k: jax.Array, v: jax.Array,
-                       q: jax.Array, eta: jax.Array, alpha: jax.Array, beta: jax.Array,
-                       mask: jax.Array) -> ChunkCoefficients:
-  """Stage-1 coefficients of one chunk (see the module docstring).
+class WYScalars(NamedTuple):
+  """Per-token ``[C]`` inputs of a chunk's WY products (:func:`wy_products`).
+
+  ``N_{ti} = b_t exp(log_prev_t - log_g_i) k_t·k_i`` (``i < t``), ``Kw = T (wk ⊙ K)``,
+  ``Vu = T (s ⊙ V)`` and the anchor's share ``Ka = T (s ⊙ K)`` with ``T = (I + N)⁻¹``.
+  """
+
+  b: jax.Array
+  wk: jax.Array
+  s: jax.Array
+  log_prev: jax.Array
+  log_g: jax.Array
+
+
+def chunk_parts(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta: jax.Array,
+                alpha: jax.Array, beta: jax.Array, mask: jax.Array
+                ) -> tuple[ChunkCoefficients, WYScalars | None]:
+  """Every stage-1 coefficient of one chunk but the WY products (see the module docstring).
 
   Args:
     config: the op.
-    inverse: ``N -> (I + N)⁻¹`` for strictly lower-triangular ``N [C, C]``.
     k, q: ``[C, d_k]``; v: ``[C, d_v]``; eta, alpha, beta: ``[C]``, all float32 (or float64).
     mask: ``[C]``, 1 for real tokens and 0 for padding, which leaves every state as it is
       (as :func:`nlj.core.update.masked_scalars` does).
 
   Returns:
-    :class:`ChunkCoefficients` of ``[C, ·]`` tiles and 0-d scalars.
+    ``(coefficients, scalars)``: with momentum the complete :class:`ChunkCoefficients` and None
+    (nothing to solve); without, coefficients whose ``kw``, ``vu`` and ``ka`` are None, and the
+    :class:`WYScalars` that :func:`wy_products` turns into them.
   """
   rule = Rule(config.step, dgd_variant=config.dgd_variant)
   c, s = jax.vmap(rule.coefficients)(eta, k)
   c, s = c * mask, s * mask
   alpha, beta = jnp.where(mask > 0, alpha, 1.0), jnp.where(mask > 0, beta, 1.0)
   log_g, log_prev = _log_cumprod(alpha)
-  anchored = config.semantics == "boundary" and config.objective == "l2"
+  anchored = anchors_writes(config)
   qk = _mm(q, k, trans_b=True)
   if config.read == "after":
     log_read, strict = log_g, False
@@ -144,18 +160,61 @@ def chunk_coefficients(config: OpConfig, inverse: Inverse, k: jax.Array, v: jax.
         qm=jnp.zeros_like(q) if reads_anchor else (
             jnp.sum(gamma * jnp.exp(log_b)[None, :], axis=1)[:, None] * q),
         km=jnp.exp(_last(log_b) - log_b)[:, None] * k,
-        mc=jnp.sum(gamma_last * jnp.exp(log_b)), gm=jnp.exp(_last(log_b)))
+        mc=jnp.sum(gamma_last * jnp.exp(log_b)), gm=jnp.exp(_last(log_b))), None
   if config.semantics == "exact" and config.objective == "l2":
     b = c + (alpha * s if config.grad_at_retained else s)
   else:
     b = c
-  t = inverse(b[:, None] * _ratios(log_prev, log_g, True) * _mm(k, k, trans_b=True))
-  ka = _mm(t, s[:, None] * k) if anchored else None
-  kw = _mm(t, (b * jnp.exp(log_prev))[:, None] * k)
+  scalars = WYScalars(b, b * jnp.exp(log_prev) + (s if anchored else 0.0), s, log_prev, log_g)
   return ChunkCoefficients(
-      kw=kw if ka is None else kw + ka, vu=_mm(t, s[:, None] * v), qs=qs,
+      kw=None, vu=None, qs=qs,
       p=jnp.zeros_like(qk) if reads_anchor else _ratios(log_read, log_g, strict) * qk,
-      kd=jnp.exp(_last(log_g) - log_g)[:, None] * k, gs=gs, ka=ka)
+      kd=jnp.exp(_last(log_g) - log_g)[:, None] * k, gs=gs, ka=None), scalars
+
+
+def anchors_writes(config: OpConfig) -> bool:
+  """Whether the anchor enters the pseudo-values (``ka``): L2 objective, boundary semantics."""
+  return config.semantics == "boundary" and config.objective == "l2"
+
+
+def wy_products(inverse: Inverse, k: jax.Array, v: jax.Array, scalars: WYScalars,
+                anchored: bool) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """``(Kw, Vu, Ka or None)`` of one chunk (:class:`WYScalars`; ``k [C, d_k]``, ``v [C, d_v]``).
+
+  ``inverse``: ``N -> (I + N)⁻¹`` for strictly lower-triangular ``N [C, C]``.
+  """
+  w = scalars
+  t = inverse(w.b[:, None] * _ratios(w.log_prev, w.log_g, True) * _mm(k, k, trans_b=True))
+  ka = _mm(t, w.s[:, None] * k) if anchored else None
+  return _mm(t, w.wk[:, None] * k), _mm(t, w.s[:, None] * v), ka
+
+
+def chunk_coefficients(config: OpConfig, inverse: Inverse, k: jax.Array, v: jax.Array,
+                       q: jax.Array, eta: jax.Array, alpha: jax.Array, beta: jax.Array,
+                       mask: jax.Array) -> ChunkCoefficients:
+  """Stage-1 coefficients of one chunk: :func:`chunk_parts` completed by :func:`wy_products`
+  (arguments as there; ``inverse`` as for :func:`wy_products`).
+
+  Returns:
+    :class:`ChunkCoefficients` of ``[C, ·]`` tiles and 0-d scalars.
+  """
+  coeffs, scalars = chunk_parts(config, k, v, q, eta, alpha, beta, mask)
+  if scalars is None:
+    return coeffs
+  kw, vu, ka = wy_products(inverse, k, v, scalars, anchors_writes(config))
+  return coeffs._replace(kw=kw, vu=vu, ka=ka)
+
+
+def to_chunks(x: jax.Array, size: int) -> jax.Array:
+  """``[B, n * size, H, ...] -> [B, H, n, size, ...]``."""
+  x = x.reshape((x.shape[0], x.shape[1] // size, size) + x.shape[2:])
+  return jnp.moveaxis(x, 3, 1)
+
+
+def chunk_inputs(*xs: jax.Array, size: int) -> tuple[jax.Array, ...]:
+  """Inputs ``[B, T, H, ...]`` as float32 (float64 stays) chunks ``[B, H, N, C, ...]``."""
+  f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return tuple(to_chunks(f32(x), size) for x in xs)
 
 
 def prepare(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta: jax.Array,
@@ -165,15 +224,14 @@ def prepare(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta: jax
 
   Args:
     config: the op.
-    k, q: ``[B, H, N, C, d_k]``; v: ``[B, H, N, C, d_v]``; eta, alpha, beta, mask:
-      ``[B, H, N, C]`` (see :func:`chunk_coefficients`).
+    k, q: ``[B, T, H, d_k]``; v: ``[B, T, H, d_v]``; eta, alpha, beta, mask: ``[B, T, H]``
+      (``T % chunk == 0``; see :func:`chunk_parts`).
     inverse: how ``T = (I + N)⁻¹`` is computed, a key of
       :data:`nlj.core.triangular.INVERSES` (``"solve"`` or ``"blocked"``).
 
   Returns:
     :class:`ChunkCoefficients` with leading ``[B, H, N]`` axes, in float32 (float64 stays).
   """
-  f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  args = tuple(map(f32, (k, v, q, eta, alpha, beta, mask)))
+  args = chunk_inputs(k, v, q, eta, alpha, beta, mask, size=config.chunk)
   one = functools.partial(chunk_coefficients, config, inverse_named(inverse))
   return jax.vmap(jax.vmap(jax.vmap(one)))(*args)

@@ -1,7 +1,7 @@
 """The matrix-memory op as a :class:`nlj.core.Level` runner (``impl="pallas"``).
 
-Stage 1 (:mod:`nlj_kernels.matrix_memory.pallas_prepare`, or the plain-JAX
-:mod:`nlj_kernels.matrix_memory.prepare`) computes every chunk's state-free coefficients in
+Stage 1 (the plain-JAX :mod:`nlj_kernels.matrix_memory.prepare`, or with its WY products by
+the Pallas kernels of :mod:`nlj_kernels.matrix_memory.pallas_wy`) computes every chunk's state-free coefficients in
 parallel; stage 2 (:mod:`nlj_kernels.matrix_memory.recurrence`, Pallas) carries the
 state across chunks. The runner adds what a level's state needs on top: the sequence is shifted
 by the state's ``phase`` and padded to whole chunks with masked no-op tokens, the first chunk
@@ -21,7 +21,7 @@ from nlj.core.level import Level, LevelInputs, LevelState
 from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.contract import OpConfig, op_config
 from nlj.core.triangular import inverse_named
-from nlj_kernels.matrix_memory.pallas_prepare import prepare_pallas
+from nlj_kernels.matrix_memory.pallas_wy import prepare_pallas
 from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, prepare
 from nlj_kernels.matrix_memory.recurrence import chunk_recurrence
 
@@ -53,11 +53,10 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
     interpret: run the kernels in interpret mode; default: unless JAX runs on the device the
       backend compiles for.
     backend: ``"triton"`` or ``"tpu"``; default ``"tpu"`` on a TPU, else ``"triton"``.
-    stage1: ``"jax"`` (:mod:`.prepare`, the default) or ``"pallas"`` (:mod:`.pallas_prepare`,
-      Triton only; opt-in until its GPU check has run: it has compiled and trained a model on an
-      H100, but ``benchmarks/kernels_matrix_memory.py --check`` has not yet run it).
+    stage1: ``"jax"`` (:mod:`.prepare`, the default) or ``"pallas"`` (the WY products by the
+      kernels of :mod:`.pallas_wy`, Triton only; opt-in until measured faster on a GPU).
     inverse: the plain-JAX stage 1's triangular inverse, ``"solve"`` or ``"blocked"``
-      (:mod:`nlj.core.triangular`; the Pallas stage 1 always uses ``"blocked"``).
+      (:mod:`nlj.core.triangular`; the Pallas kernels invert 16-row blocks themselves).
   """
   platform = jax.default_backend()
   backend = backend or ("tpu" if platform == "tpu" else "triton")
@@ -108,14 +107,8 @@ def _pad(x: jax.Array, n: int, size: int, phase, fill: float) -> jax.Array:
   return jax.lax.dynamic_update_slice_in_dim(padded, x, phase, axis=1)
 
 
-def _to_chunks(x: jax.Array, size: int) -> jax.Array:
-  """``[B, n * size, H, ...] -> [B, H, n, size, ...]``."""
-  x = x.reshape((x.shape[0], x.shape[1] // size, size) + x.shape[2:])
-  return jnp.moveaxis(x, 3, 1)
-
-
 def _from_chunks(y: jax.Array, phase, t: int) -> jax.Array:
-  """``[B, H, n, size, d] -> [B, T, H, d]`` (undoing :func:`_to_chunks`)."""
+  """``[B, H, n, size, d] -> [B, T, H, d]`` (undoing :func:`~.prepare.to_chunks`)."""
   b, h, n, size, d = y.shape
   y = jnp.moveaxis(y, 1, 3).reshape(b, n * size, h, d)
   return jax.lax.dynamic_slice_in_dim(y, phase, t, axis=1)
@@ -158,7 +151,7 @@ def _run(config: OpConfig, k, v, q, eta, alpha, beta, s0, anchor0, m0, phase, al
     coeffs = prepare_pallas(config, *padded, num_warps=launch.num_warps,
                             interpret=launch.interpret, backend=launch.backend)
   else:
-    coeffs = prepare(config, *(_to_chunks(x, size) for x in padded), inverse=launch.inverse)
+    coeffs = prepare(config, *padded, inverse=launch.inverse)
   f32 = jnp.promote_types(s0.dtype, jnp.float32)
   s0, anchor0 = s0.astype(f32), anchor0.astype(f32)
   m0 = None if m0 is None else m0.astype(f32)

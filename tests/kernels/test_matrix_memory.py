@@ -171,8 +171,7 @@ def test_every_output_element_is_written():
   config = OpConfig(16, "exact", "l2", "after", grad_at_retained=True)
   level = make_level("gated_deltanet", 16, 32)
   inputs = random_inputs(level, 2, 48, seed=17, dtype=jnp.float32)
-  to_chunks = lambda x: jnp.moveaxis(x.reshape((2, 3, 16) + x.shape[2:]), 3, 1)
-  coeffs = prepare(config, *(to_chunks(x) for x in inputs), jnp.ones((2, 2, 3, 16)))
+  coeffs = prepare(config, *inputs, jnp.ones((2, 48, 2)))
   fields = tuple(getattr(coeffs, f) for f in pallas_recurrence.CHUNK_FIELDS)
   s0 = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 16, 32))
   clean = pallas_recurrence.forward(fields, s0, None, block_v=16, interpret=True)
@@ -293,7 +292,8 @@ def test_kernels_lower_to_triton_for_hopper(monkeypatch, momentum, dtype):
   assert text.count("__gpu$xla.gpu.triton") == 2
   staged = jax.jit(jax.grad(lambda *a: loss(*a, stage1="pallas"), (0, 1, 2, 3))).trace(
       x, x, x, s0).lower(lowering_platforms=("cuda",)).as_text()
-  assert staged.count("__gpu$xla.gpu.triton") == 4  # ... and stage 1 forward and backward
+  # ... and the WY products' forward and backward (momentum solves nothing: no WY kernels)
+  assert staged.count("__gpu$xla.gpu.triton") == (2 if momentum else 4)
 
 
 @pytest.mark.parametrize("family", ["gated_deltanet", "linear_attention"])
@@ -331,3 +331,45 @@ def test_static_phase_equals_reference(seq):
     got_state, got_y = run_level(level, state._replace(phase=0), inputs, interpret=True)
     assert max_diff(got_y, want_y) < 1e-10
     assert_states_close(got_state, want_state, 1e-10)
+
+
+@pytest.mark.parametrize("chunk,anchored", [(32, False), (64, True), (48, False)])
+def test_wy_kernels_equal_plain_jax(chunk, anchored):
+  """The WY products of the Pallas stage 1 (16-row blocks, hand-derived backward) against
+  :func:`wy_products` with a triangular solve, values and every input's gradient, with a
+  retention reset (α = 0, as :func:`~nlj_kernels.matrix_memory.prepare.chunk_parts` clamps it)
+  inside a chunk."""
+  from nlj.core.triangular import inverse_named  # pylint: disable=import-outside-toplevel
+  from nlj_kernels.matrix_memory.pallas_wy import wy_pallas  # pylint: disable=import-outside-toplevel
+  from nlj_kernels.matrix_memory.prepare import (WYScalars, to_chunks,  # pylint: disable=import-outside-toplevel
+                                                 wy_products)
+  with jax.enable_x64(True):
+    b_, t, h, dk, dv = 2, 2 * chunk, 2, 16, 32
+    keys = jax.random.split(jax.random.PRNGKey(chunk), 7)
+    k = jax.random.normal(keys[0], (b_, t, h, dk), jnp.float64)
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    v = jax.random.normal(keys[1], (b_, t, h, dv), jnp.float64)
+    shape = (b_, h, t // chunk, chunk)
+    log_alpha = jnp.log(0.8 + 0.2 * jax.random.uniform(keys[2], shape, jnp.float64))
+    log_alpha = log_alpha.at[:, :, 0, chunk // 2 + 3].set(jnp.log(jnp.finfo(jnp.float64).tiny))
+    log_g = jnp.cumsum(log_alpha, -1)
+    scalars = WYScalars(0.6 * jax.random.uniform(keys[3], shape, jnp.float64),
+                        jax.random.uniform(keys[4], shape, jnp.float64),
+                        jax.random.uniform(keys[5], shape, jnp.float64), log_g - log_alpha, log_g)
+    if chunk % 16:
+      with pytest.raises(ValueError, match="chunk % 16 == 0"):
+        wy_pallas(k, v, scalars, chunk, anchored, interpret=True)
+      return
+    one = lambda kk, vv, *s: wy_products(inverse_named("solve"), kk, vv, WYScalars(*s), anchored)
+    reference = lambda k, v, s: jax.vmap(jax.vmap(jax.vmap(one)))(
+        to_chunks(k, chunk), to_chunks(v, chunk), *s)
+    kernel = lambda k, v, s: wy_pallas(k, v, s, chunk, anchored, interpret=True)
+    want, got = reference(k, v, scalars), kernel(k, v, scalars)
+    assert (got[2] is None) == (not anchored)
+    assert max_diff([x for x in got if x is not None], [x for x in want if x is not None]) < 1e-12
+    weights = [jnp.cos(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape) for x in want
+               if x is not None]
+    loss = lambda f: lambda *a: sum(jnp.sum(x * w) for x, w in zip(
+        [x for x in f(*a) if x is not None], weights))
+    grads = lambda f: jax.grad(loss(f), (0, 1, 2))(k, v, scalars)
+    assert max_diff(grads(kernel), grads(reference)) < 1e-11
