@@ -32,7 +32,7 @@ from nlj.core.objectives import L2, DotProduct
 from nlj.core.reference import run_reference
 from nlj_kernels.matrix_memory import OpConfig, matrix_memory, run_level
 from nlj_kernels.matrix_memory import pallas_recurrence
-from nlj_kernels.matrix_memory.pallas_wy import prepare_pallas
+from nlj_kernels.matrix_memory.pallas_tiles import prepare_pallas
 from nlj_kernels.matrix_memory.prepare import prepare
 from nlj_kernels.matrix_memory.runner import launch_options
 from timing import timed

@@ -21,13 +21,13 @@ add no momentum to ``S``, are zero columns of ``Γ``); then ``Vu = s ⊙ V``,
 ``Kw = [l2] s ⊙ K``, ``Qs = γ ⊙ Q``, ``Qm = m ⊙ Q``, ``P = A ∘ (Q Kᵀ)``, ``Kd = A_{C,·} ⊙ K``,
 ``Km = (B_C/B_t) ⊙ K``, ``gs = γ_C``, ``mc = m_C``, ``gm = B_C`` (strict versions for ``before``).
 
-The equations are written once, for one chunk, in two parts: :func:`chunk_parts` (everything
-but the WY products, and the per-token :class:`WYScalars` those need) and :func:`wy_products`
-(``Kw``, ``Vu`` and the anchor's share ``Ka``, with the triangular inverse passed in);
-:func:`chunk_coefficients` joins them. :func:`prepare` maps both over ``[batch, heads, chunks]``
-in plain JAX with a triangular solve or the products-only blocked inverse
-(:mod:`nlj.core.triangular`); :mod:`nlj_kernels.matrix_memory.pallas_wy` maps
-:func:`chunk_parts` the same way and computes the WY products in Pallas kernels.
+The equations are written once, for one chunk, in two parts: :func:`chunk_parts` (the
+per-token :class:`ChunkScalars`, or with momentum every coefficient) and :func:`chunk_tiles` (the
+tiles built from those scalars, with the triangular inverse passed in); :func:`chunk_coefficients`
+joins them. :func:`prepare` maps both over ``[batch, heads, chunks]`` in plain JAX with a
+triangular solve or the products-only blocked inverse (:mod:`nlj.core.triangular`);
+:mod:`nlj_kernels.matrix_memory.pallas_tiles` maps :func:`chunk_parts` the same way and builds the
+tiles in Pallas kernels.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from nlj.core.rules import Rule
 from nlj_kernels.matrix_memory.contract import OpConfig
 from nlj.core.triangular import inverse_named
 
-__all__ = ["ChunkCoefficients", "WYScalars", "anchors_writes", "chunk_coefficients",
-           "chunk_inputs", "chunk_parts", "prepare", "to_chunks", "wy_products"]
+__all__ = ["ChunkCoefficients", "ChunkScalars", "ReadForm", "chunk_coefficients", "chunk_inputs",
+           "chunk_parts", "chunk_tiles", "prepare", "read_form", "to_chunks"]
 
 
 class ChunkCoefficients(NamedTuple):
@@ -102,11 +102,15 @@ def _mm(a: jax.Array, b: jax.Array, trans_b: bool = False) -> jax.Array:
 Inverse = Callable[[jax.Array], jax.Array]  # strictly lower N [C, C] -> (I + N)^-1
 
 
-class WYScalars(NamedTuple):
-  """Per-token ``[C]`` inputs of a chunk's WY products (:func:`wy_products`).
+class ChunkScalars(NamedTuple):
+  """Per-token ``[C]`` scalars of a chunk without momentum, from which :func:`chunk_tiles`
+  builds every tile.
 
-  ``N_{ti} = b_t exp(log_prev_t - log_g_i) k_t·k_i`` (``i < t``), ``Kw = T (wk ⊙ K)``,
-  ``Vu = T (s ⊙ V)`` and the anchor's share ``Ka = T (s ⊙ K)`` with ``T = (I + N)⁻¹``.
+  With ``T = (I + N)⁻¹``, ``N_{ti} = b_t exp(log_prev_t - log_g_i) k_t·k_i`` (``i < t``)::
+
+    Kw = T (wk ⊙ K) ;  Vu = T (s ⊙ V) ;  Ka = T (s ⊙ K)   (anchored writes only)
+    Qs = read ⊙ Q ;  Kd = decay ⊙ K ;  P_{ti} = exp(log_read_t - log_g_i) q_t·k_i
+                                        (i <= t; i < t for strict reads; P = 0 for anchor reads)
   """
 
   b: jax.Array
@@ -114,12 +118,31 @@ class WYScalars(NamedTuple):
   s: jax.Array
   log_prev: jax.Array
   log_g: jax.Array
+  log_read: jax.Array
+  read: jax.Array
+  decay: jax.Array
+
+
+class ReadForm(NamedTuple):
+  """The static shape of a chunk's tiles: ``Ka`` present (``anchored``), ``P``'s diagonal
+  excluded (``strict``), or ``P = 0`` (``reads_anchor``)."""
+
+  anchored: bool
+  strict: bool
+  reads_anchor: bool
+
+
+def read_form(config: OpConfig) -> ReadForm:
+  """:class:`ReadForm` of the op: the anchor enters the pseudo-values for the L2 objective under
+  boundary semantics; ``before`` and ``boundary`` reads exclude the token's own write."""
+  return ReadForm(config.semantics == "boundary" and config.objective == "l2",
+                  config.read != "after", config.read == "boundary")
 
 
 def chunk_parts(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta: jax.Array,
                 alpha: jax.Array, beta: jax.Array, mask: jax.Array
-                ) -> tuple[ChunkCoefficients, WYScalars | None]:
-  """Every stage-1 coefficient of one chunk but the WY products (see the module docstring).
+                ) -> tuple[ChunkCoefficients, ChunkScalars | None]:
+  """One chunk's coefficients, or its per-token scalars (see the module docstring).
 
   Args:
     config: the op.
@@ -129,35 +152,31 @@ def chunk_parts(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta:
 
   Returns:
     ``(coefficients, scalars)``: with momentum the complete :class:`ChunkCoefficients` and None
-    (nothing to solve); without, coefficients whose ``kw``, ``vu`` and ``ka`` are None, and the
-    :class:`WYScalars` that :func:`wy_products` turns into them.
+    (nothing to solve); without, coefficients holding only ``gs`` and the
+    :class:`ChunkScalars` from which :func:`chunk_tiles` builds the rest.
   """
   rule = Rule(config.step, dgd_variant=config.dgd_variant)
   c, s = jax.vmap(rule.coefficients)(eta, k)
   c, s = c * mask, s * mask
   alpha, beta = jnp.where(mask > 0, alpha, 1.0), jnp.where(mask > 0, beta, 1.0)
   log_g, log_prev = _log_cumprod(alpha)
-  anchored = anchors_writes(config)
-  qk = _mm(q, k, trans_b=True)
-  if config.read == "after":
-    log_read, strict = log_g, False
-  else:
-    log_read, strict = log_prev, True
-  reads_anchor = config.read == "boundary"
-  qs = q if reads_anchor else jnp.exp(log_read)[:, None] * q
+  form = read_form(config)
+  log_read = log_g if config.read == "after" else log_prev
+  read = jnp.ones_like(log_read) if form.reads_anchor else jnp.exp(log_read)
   gs = jnp.exp(_last(log_g))
   if config.momentum:
+    qk = _mm(q, k, trans_b=True)
     log_b, _ = _log_cumprod(beta)
-    gamma = _ratios(log_read, log_g, strict) * mask[None, :]
+    gamma = _ratios(log_read, log_g, form.strict) * mask[None, :]
     gamma_last = jnp.exp(_last(log_g) - log_g) * mask
     decay_all = _ratios(log_b, log_b, False)
     last = jnp.sum(gamma_last[:, None] * decay_all, axis=0)
-    ka = s[:, None] * k if anchored else None
+    ka = s[:, None] * k if form.anchored else None
     return ChunkCoefficients(
-        kw=ka if anchored else jnp.zeros_like(k), vu=s[:, None] * v, qs=qs,
-        p=jnp.zeros_like(qk) if reads_anchor else _mm(gamma, decay_all) * qk,
+        kw=ka if form.anchored else jnp.zeros_like(k), vu=s[:, None] * v, qs=read[:, None] * q,
+        p=jnp.zeros_like(qk) if form.reads_anchor else _mm(gamma, decay_all) * qk,
         kd=last[:, None] * k, gs=gs, ka=ka,
-        qm=jnp.zeros_like(q) if reads_anchor else (
+        qm=jnp.zeros_like(q) if form.reads_anchor else (
             jnp.sum(gamma * jnp.exp(log_b)[None, :], axis=1)[:, None] * q),
         km=jnp.exp(_last(log_b) - log_b)[:, None] * k,
         mc=jnp.sum(gamma_last * jnp.exp(log_b)), gm=jnp.exp(_last(log_b))), None
@@ -165,35 +184,34 @@ def chunk_parts(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta:
     b = c + (alpha * s if config.grad_at_retained else s)
   else:
     b = c
-  scalars = WYScalars(b, b * jnp.exp(log_prev) + (s if anchored else 0.0), s, log_prev, log_g)
-  return ChunkCoefficients(
-      kw=None, vu=None, qs=qs,
-      p=jnp.zeros_like(qk) if reads_anchor else _ratios(log_read, log_g, strict) * qk,
-      kd=jnp.exp(_last(log_g) - log_g)[:, None] * k, gs=gs, ka=None), scalars
+  wk = b * jnp.exp(log_prev) + (s if form.anchored else 0.0)
+  scalars = ChunkScalars(b, wk, s, log_prev, log_g, log_read, read,
+                         jnp.exp(_last(log_g) - log_g))
+  return ChunkCoefficients(None, None, None, None, None, gs, None), scalars
 
 
-def anchors_writes(config: OpConfig) -> bool:
-  """Whether the anchor enters the pseudo-values (``ka``): L2 objective, boundary semantics."""
-  return config.semantics == "boundary" and config.objective == "l2"
-
-
-def wy_products(inverse: Inverse, k: jax.Array, v: jax.Array, scalars: WYScalars,
-                anchored: bool) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """``(Kw, Vu, Ka or None)`` of one chunk (:class:`WYScalars`; ``k [C, d_k]``, ``v [C, d_v]``).
+def chunk_tiles(form: ReadForm, inverse: Inverse, k: jax.Array, v: jax.Array, q: jax.Array,
+                scalars: ChunkScalars) -> dict[str, jax.Array | None]:
+  """The tiles ``kw, vu, qs, p, kd, ka`` of one chunk without momentum (:class:`ChunkScalars`;
+  ``k, q [C, d_k]``, ``v [C, d_v]``; ``ka`` None unless ``form.anchored``).
 
   ``inverse``: ``N -> (I + N)⁻¹`` for strictly lower-triangular ``N [C, C]``.
   """
   w = scalars
   t = inverse(w.b[:, None] * _ratios(w.log_prev, w.log_g, True) * _mm(k, k, trans_b=True))
-  ka = _mm(t, w.s[:, None] * k) if anchored else None
-  return _mm(t, w.wk[:, None] * k), _mm(t, w.s[:, None] * v), ka
+  qk = _mm(q, k, trans_b=True)
+  return dict(
+      kw=_mm(t, w.wk[:, None] * k), vu=_mm(t, w.s[:, None] * v), qs=w.read[:, None] * q,
+      p=jnp.zeros_like(qk) if form.reads_anchor else _ratios(w.log_read, w.log_g,
+                                                             form.strict) * qk,
+      kd=w.decay[:, None] * k, ka=_mm(t, w.s[:, None] * k) if form.anchored else None)
 
 
 def chunk_coefficients(config: OpConfig, inverse: Inverse, k: jax.Array, v: jax.Array,
                        q: jax.Array, eta: jax.Array, alpha: jax.Array, beta: jax.Array,
                        mask: jax.Array) -> ChunkCoefficients:
-  """Stage-1 coefficients of one chunk: :func:`chunk_parts` completed by :func:`wy_products`
-  (arguments as there; ``inverse`` as for :func:`wy_products`).
+  """Stage-1 coefficients of one chunk: :func:`chunk_parts` completed by :func:`chunk_tiles`
+  (arguments as there).
 
   Returns:
     :class:`ChunkCoefficients` of ``[C, ·]`` tiles and 0-d scalars.
@@ -201,8 +219,7 @@ def chunk_coefficients(config: OpConfig, inverse: Inverse, k: jax.Array, v: jax.
   coeffs, scalars = chunk_parts(config, k, v, q, eta, alpha, beta, mask)
   if scalars is None:
     return coeffs
-  kw, vu, ka = wy_products(inverse, k, v, scalars, anchors_writes(config))
-  return coeffs._replace(kw=kw, vu=vu, ka=ka)
+  return coeffs._replace(**chunk_tiles(read_form(config), inverse, k, v, q, scalars))
 
 
 def to_chunks(x: jax.Array, size: int) -> jax.Array:

@@ -1,7 +1,7 @@
 """The matrix-memory op as a :class:`nlj.core.Level` runner (``impl="pallas"``).
 
 Stage 1 (the plain-JAX :mod:`nlj_kernels.matrix_memory.prepare`, or with its WY products by
-the Pallas kernels of :mod:`nlj_kernels.matrix_memory.pallas_wy`) computes every chunk's state-free coefficients in
+the Pallas kernels of :mod:`nlj_kernels.matrix_memory.pallas_tiles`) computes every chunk's state-free coefficients in
 parallel; stage 2 (:mod:`nlj_kernels.matrix_memory.recurrence`, Pallas) carries the
 state across chunks. The runner adds what a level's state needs on top: the sequence is shifted
 by the state's ``phase`` and padded to whole chunks with masked no-op tokens, the first chunk
@@ -21,7 +21,7 @@ from nlj.core.level import Level, LevelInputs, LevelState
 from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.contract import OpConfig, op_config
 from nlj.core.triangular import inverse_named
-from nlj_kernels.matrix_memory.pallas_wy import prepare_pallas
+from nlj_kernels.matrix_memory.pallas_tiles import prepare_pallas
 from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, prepare
 from nlj_kernels.matrix_memory.recurrence import chunk_recurrence
 
@@ -54,7 +54,7 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
       backend compiles for.
     backend: ``"triton"`` or ``"tpu"``; default ``"tpu"`` on a TPU, else ``"triton"``.
     stage1: ``"jax"`` (:mod:`.prepare`, the default) or ``"pallas"`` (the WY products by the
-      kernels of :mod:`.pallas_wy`, Triton only; opt-in until measured faster on a GPU).
+      kernels of :mod:`.pallas_tiles`, Triton only; opt-in until measured faster on a GPU).
     inverse: the plain-JAX stage 1's triangular inverse, ``"solve"`` or ``"blocked"``
       (:mod:`nlj.core.triangular`; the Pallas kernels invert 16-row blocks themselves).
   """

@@ -333,43 +333,47 @@ def test_static_phase_equals_reference(seq):
     assert_states_close(got_state, want_state, 1e-10)
 
 
-@pytest.mark.parametrize("chunk,anchored", [(32, False), (64, True), (48, False)])
-def test_wy_kernels_equal_plain_jax(chunk, anchored):
-  """The WY products of the Pallas stage 1 (16-row blocks, hand-derived backward) against
-  :func:`wy_products` with a triangular solve, values and every input's gradient, with a
+@pytest.mark.parametrize("chunk,form", [(32, (False, False, False)), (64, (True, True, False)),
+                                        (32, (True, True, True)), (48, (False, False, False))])
+def test_stage1_kernels_equal_plain_jax(chunk, form):
+  """The tiles of the Pallas stage 1 (16-row blocks, hand-derived backward) against
+  :func:`chunk_tiles` with a triangular solve, values and every input's gradient, with a
   retention reset (α = 0, as :func:`~nlj_kernels.matrix_memory.prepare.chunk_parts` clamps it)
   inside a chunk."""
   from nlj.core.triangular import inverse_named  # pylint: disable=import-outside-toplevel
-  from nlj_kernels.matrix_memory.pallas_wy import wy_pallas  # pylint: disable=import-outside-toplevel
-  from nlj_kernels.matrix_memory.prepare import (WYScalars, to_chunks,  # pylint: disable=import-outside-toplevel
-                                                 wy_products)
+  from nlj_kernels.matrix_memory.pallas_tiles import tiles_pallas  # pylint: disable=import-outside-toplevel
+  from nlj_kernels.matrix_memory.prepare import (ChunkScalars, ReadForm,  # pylint: disable=import-outside-toplevel
+                                                 chunk_tiles, to_chunks)
+  form = ReadForm(*form)
   with jax.enable_x64(True):
     b_, t, h, dk, dv = 2, 2 * chunk, 2, 16, 32
-    keys = jax.random.split(jax.random.PRNGKey(chunk), 7)
+    keys = jax.random.split(jax.random.PRNGKey(chunk), 10)
     k = jax.random.normal(keys[0], (b_, t, h, dk), jnp.float64)
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
     v = jax.random.normal(keys[1], (b_, t, h, dv), jnp.float64)
+    q = jax.random.normal(keys[2], (b_, t, h, dk), jnp.float64)
     shape = (b_, h, t // chunk, chunk)
-    log_alpha = jnp.log(0.8 + 0.2 * jax.random.uniform(keys[2], shape, jnp.float64))
+    uniform = lambda i: jax.random.uniform(keys[i], shape, jnp.float64)
+    log_alpha = jnp.log(0.8 + 0.2 * uniform(3))
     log_alpha = log_alpha.at[:, :, 0, chunk // 2 + 3].set(jnp.log(jnp.finfo(jnp.float64).tiny))
     log_g = jnp.cumsum(log_alpha, -1)
-    scalars = WYScalars(0.6 * jax.random.uniform(keys[3], shape, jnp.float64),
-                        jax.random.uniform(keys[4], shape, jnp.float64),
-                        jax.random.uniform(keys[5], shape, jnp.float64), log_g - log_alpha, log_g)
+    log_read = log_g - log_alpha if form.strict else log_g
+    scalars = ChunkScalars(0.6 * uniform(4), uniform(5), uniform(6), log_g - log_alpha, log_g,
+                           log_read, uniform(7), uniform(8))
     if chunk % 16:
       with pytest.raises(ValueError, match="chunk % 16 == 0"):
-        wy_pallas(k, v, scalars, chunk, anchored, interpret=True)
+        tiles_pallas(form, k, v, q, scalars, chunk, interpret=True)
       return
-    one = lambda kk, vv, *s: wy_products(inverse_named("solve"), kk, vv, WYScalars(*s), anchored)
-    reference = lambda k, v, s: jax.vmap(jax.vmap(jax.vmap(one)))(
-        to_chunks(k, chunk), to_chunks(v, chunk), *s)
-    kernel = lambda k, v, s: wy_pallas(k, v, s, chunk, anchored, interpret=True)
-    want, got = reference(k, v, scalars), kernel(k, v, scalars)
-    assert (got[2] is None) == (not anchored)
-    assert max_diff([x for x in got if x is not None], [x for x in want if x is not None]) < 1e-12
-    weights = [jnp.cos(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape) for x in want
-               if x is not None]
-    loss = lambda f: lambda *a: sum(jnp.sum(x * w) for x, w in zip(
-        [x for x in f(*a) if x is not None], weights))
-    grads = lambda f: jax.grad(loss(f), (0, 1, 2))(k, v, scalars)
+    one = lambda kk, vv, qq, *s: chunk_tiles(form, inverse_named("solve"), kk, vv, qq,
+                                             ChunkScalars(*s))
+    reference = lambda k, v, q, s: jax.vmap(jax.vmap(jax.vmap(one)))(
+        to_chunks(k, chunk), to_chunks(v, chunk), to_chunks(q, chunk), *s)
+    kernel = lambda k, v, q, s: tiles_pallas(form, k, v, q, s, chunk, interpret=True)
+    want, got = reference(k, v, q, scalars), kernel(k, v, q, scalars)
+    assert (got["ka"] is None) == (not form.anchored)
+    assert max_diff(got, want) < 1e-12
+    weights = {n: jnp.cos(jnp.arange(x.size, dtype=x.dtype) + i).reshape(x.shape)
+               for i, (n, x) in enumerate(want.items()) if x is not None}
+    loss = lambda f: lambda *a: sum(jnp.sum(f(*a)[n] * w) for n, w in weights.items())
+    grads = lambda f: jax.grad(loss(f), (0, 1, 2, 3))(k, v, q, scalars)
     assert max_diff(grads(kernel), grads(reference)) < 1e-11

@@ -1,0 +1,336 @@
+"""Stage 1's tiles as Pallas kernels, forward and backward, in 16-row blocks.
+
+Per chunk without momentum (one program each, grid ``(batch, heads, chunks)``, keys, values and
+queries read straight from the ``[B, T, H, ·]`` inputs) the kernels compute
+:func:`~nlj_kernels.matrix_memory.prepare.chunk_tiles` from the per-token
+:class:`~nlj_kernels.matrix_memory.prepare.ChunkScalars`::
+
+    N = strict_lower(b_t exp(lp_t - lg_i) k_t·k_i) ;  T = (I + N)⁻¹
+    Kw = T (wk ⊙ K) ;  Vu = T (s ⊙ V) ;  Ka = T (s ⊙ K)            (Ka for anchored writes)
+    Qs = read ⊙ Q ;  Kd = decay ⊙ K ;  P = Γ ⊙ Q Kᵀ, Γ_ti = exp(lr_t - lg_i) on i <= t (i < t)
+
+``T`` is built in ``16 × 16`` blocks: each diagonal block ``D_i = (I + N_ii)⁻¹`` by the exact
+nilpotent series (:func:`nlj.core.triangular.blocked_inverse`), the others by block forward
+substitution ``T_ij = -D_i Σ_{j<=m<i} N_im T_mj``; every product is a small matrix-unit tile and
+nothing of size ``C × C`` is live at once. The backward kernel recomputes ``T`` and applies
+hand-derived rules (``X̄`` is the cotangent of ``X``)::
+
+    x̄ = Tᵀ Ȳ for each Y = T x ;  T̄ = Σ Ȳ xᵀ (lower blocks) ;  N̄ = -Tᵀ T̄ Tᵀ (strictly lower)
+    N = b ⊙ E ⊙ G (E_ti = exp(lp_t - lg_i), G = K Kᵀ):  Ḡ = N̄ ⊙ b E ;  K̄ += Ḡ K + Ḡᵀ K ;
+        Z = N̄ ⊙ E ⊙ G ;  b̄ = rowsum Z ;  l̄p = b ⊙ rowsum Z ;  l̄g -= colsum(b ⊙ Z)
+    P:  Q̄ += (P̄ ⊙ Γ) K ;  K̄ += (P̄ ⊙ Γ)ᵀ Q ;  l̄r = rowsum(P̄ ⊙ P) ;  l̄g -= colsum(P̄ ⊙ P)
+    Qs, Kd:  Q̄ += read ⊙ Q̄s ;  r̄ead = rowsum(Q ⊙ Q̄s) ;  K̄ += decay ⊙ K̄d ;  d̄ecay = rowsum(K ⊙ K̄d)
+
+so no autodiff runs through the inverse. The scalars come from
+:func:`~nlj_kernels.matrix_memory.prepare.chunk_parts` in plain JAX, which differentiates them on
+to η, α and the keys. Products take the inputs' dtype with a float32 (or wider) accumulator, as
+the recurrence kernels do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from nlj.core.triangular import blocked_inverse
+from nlj_kernels.matrix_memory.contract import OpConfig
+from nlj_kernels.matrix_memory.pallas_recurrence import compiler_params
+from nlj_kernels.matrix_memory.prepare import (ChunkCoefficients, ChunkScalars, ReadForm,
+                                               chunk_inputs, chunk_parts, read_form)
+
+__all__ = ["prepare_pallas", "tiles_pallas", "BLOCK", "TILES"]
+
+BLOCK = 16
+TILES = ("kw", "vu", "qs", "p", "kd", "ka")  # outputs in this order (ka for anchored writes)
+
+
+def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False,
+         dtype=None) -> jax.Array:
+  """``a @ b`` (operands optionally transposed, cast to ``dtype``) with an accumulator of at
+  least float32."""
+  if dtype is not None:
+    a, b = a.astype(dtype), b.astype(dtype)
+  dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
+  out = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=out)
+
+
+def _rows(i: int) -> pl.Slice:
+  return pl.ds(i * BLOCK, BLOCK)
+
+
+def _blocks(ref, nb: int) -> list[jax.Array]:
+  """The ``nb`` 16-row blocks of a ``[C, ·]`` or ``[C]`` ref."""
+  return [ref[_rows(i)] for i in range(nb)]
+
+
+def _store_blocks(ref, blocks: list[jax.Array]) -> None:
+  for i, x in enumerate(blocks):
+    ref[_rows(i)] = x.astype(ref.dtype)
+
+
+def _scaled(weights: list[jax.Array], x: list[jax.Array]) -> list[jax.Array]:
+  return [w[:, None] * xi.astype(w.dtype) for w, xi in zip(weights, x)]
+
+
+class _Chunk:
+  """One chunk's blocks: keys, queries, per-token scalars, the factors of ``N`` and ``Γ``, and
+  ``T`` (lower blocks ``[i, j]``, ``j <= i``)."""
+
+  def __init__(self, k_ref, q_ref, scalar_refs, nb: int, form: ReadForm):
+    self.nb, self.cdt, self.form = nb, k_ref.dtype, form
+    self.k, self.q = _blocks(k_ref, nb), _blocks(q_ref, nb)
+    wide = jnp.promote_types(scalar_refs[0].dtype, jnp.float32)
+    self.sc = ChunkScalars(*([x.astype(wide) for x in _blocks(r, nb)] for r in scalar_refs))
+    rows = jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1)
+    self.lower = {True: rows > cols, False: rows >= cols}  # diagonal blocks, by strictness
+    self.lower_pairs = [(i, j) for i in range(nb) for j in range(i + 1)]
+    self.e = {ij: self.ratios(self.sc.log_prev, ij, True) for ij in self.lower_pairs}
+    self.gram = {(i, j): _dot(self.k[i], self.k[j], trans_b=True) for i, j in self.lower_pairs}
+    self.n = {ij: self.sc.b[ij[0]][:, None] * self.e[ij] * self.gram[ij]
+              for ij in self.lower_pairs}
+    self.t = {}
+    for i in range(nb):
+      d = blocked_inverse(self.n[i, i])
+      self.t[i, i] = d
+      for j in range(i):
+        acc = sum(jnp.dot(self.n[i, m], self.t[m, j]) for m in range(j, i))
+        self.t[i, j] = -jnp.dot(d, acc)
+
+  def ratios(self, log_rows: list[jax.Array], ij: tuple[int, int], strict: bool) -> jax.Array:
+    """Block ``[i, j]`` of ``exp(log_rows_t - log_g_u)`` on ``u <= t`` (``u < t``), else 0."""
+    i, j = ij
+    diff = log_rows[i][:, None] - self.sc.log_g[j][None, :]
+    if i > j:
+      return jnp.exp(diff)
+    keep = self.lower[strict]
+    return jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)
+
+  def gamma(self, ij: tuple[int, int]) -> jax.Array:
+    """Block ``[i, j]`` of the read decay ``Γ`` of ``P`` (lower blocks)."""
+    return self.ratios(self.sc.log_read, ij, self.form.strict)
+
+  def apply(self, x: list[jax.Array]) -> list[jax.Array]:
+    """``T x`` for 16-row blocks ``x``."""
+    return [sum(_dot(self.t[i, j], x[j], dtype=self.cdt) for j in range(i + 1))
+            for i in range(self.nb)]
+
+  def apply_t(self, y: list[jax.Array]) -> list[jax.Array]:
+    """``Tᵀ y`` for 16-row blocks ``y``."""
+    return [sum(_dot(self.t[i, j], y[i], trans_a=True, dtype=self.cdt)
+                for i in range(j, self.nb)) for j in range(self.nb)]
+
+  def products(self, v: list[jax.Array]) -> list[tuple[list[jax.Array], list[jax.Array]]]:
+    """``(T x, x)`` pairs: ``x = wk ⊙ K``, ``s ⊙ V`` and, for anchored writes, ``s ⊙ K``."""
+    sc = self.sc
+    xs = [_scaled(sc.wk, self.k), _scaled(sc.s, v)]
+    if self.form.anchored:
+      xs.append(_scaled(sc.s, self.k))
+    return xs
+
+
+def _forward_kernel(k_ref, v_ref, q_ref, *refs, nb: int, form: ReadForm):
+  scalar_refs, outs = refs[:len(ChunkScalars._fields)], refs[len(ChunkScalars._fields):]
+  c = _Chunk(k_ref, q_ref, scalar_refs, nb, form)
+  kw_ref, vu_ref, qs_ref, p_ref, kd_ref = outs[:5]
+  xs = c.products(_blocks(v_ref, nb))
+  for ref, x in zip((kw_ref, vu_ref) + tuple(outs[5:]), xs):
+    _store_blocks(ref, c.apply(x))
+  _store_blocks(qs_ref, _scaled(c.sc.read, c.q))
+  _store_blocks(kd_ref, _scaled(c.sc.decay, c.k))
+  zero = jnp.zeros((BLOCK, BLOCK), p_ref.dtype)
+  for i in range(nb):
+    for j in range(nb):
+      if j > i or form.reads_anchor:
+        p_ref[_rows(i), _rows(j)] = zero
+      else:
+        qk = _dot(c.q[i], c.k[j], trans_b=True)
+        p_ref[_rows(i), _rows(j)] = (c.gamma((i, j)) * qk).astype(p_ref.dtype)
+
+
+def _backward_kernel(k_ref, v_ref, q_ref, *refs, nb: int, form: ReadForm):
+  n_sc = len(ChunkScalars._fields)
+  scalar_refs, refs = refs[:n_sc], refs[n_sc:]
+  n_cot = 6 if form.anchored else 5
+  cots, (dk_ref, dv_ref, dq_ref), dsc_refs = refs[:n_cot], refs[n_cot:n_cot + 3], refs[n_cot + 3:]
+  c = _Chunk(k_ref, q_ref, scalar_refs, nb, form)
+  sc, k, q, v, cdt = c.sc, c.k, c.q, _blocks(v_ref, nb), c.cdt
+  wide = sc.b[0].dtype
+  zeros = lambda: [jnp.zeros((BLOCK,), wide) for _ in range(nb)]
+  grads = {name: zeros() for name in ChunkScalars._fields}
+  dk = [jnp.zeros(kb.shape, wide) for kb in k]
+  dq = [jnp.zeros(qb.shape, wide) for qb in q]
+
+  # WY products: x̄ = Tᵀ Ȳ, T̄ = Σ Ȳ xᵀ, N̄ = -Tᵀ T̄ Tᵀ
+  xs = c.products(v)
+  dys = [_blocks(cots[0], nb), _blocks(cots[1], nb)] + ([_blocks(cots[5], nb)]
+                                                        if form.anchored else [])
+  dx = [c.apply_t(dy) for dy in dys]
+  dt = {(i, j): sum(_dot(dy[i], x[j], trans_b=True, dtype=cdt) for dy, x in zip(dys, xs))
+        for i, j in c.lower_pairs}
+  tdt = {(i, b): sum(_dot(c.t[m, i], dt[m, b], trans_a=True) for m in range(i, nb))
+         for i, b in c.lower_pairs}  # Tᵀ T̄ on the blocks N̄ needs
+  for i, j in c.lower_pairs:
+    dn = -sum(_dot(tdt[i, b], c.t[j, b], trans_b=True) for b in range(j + 1))
+    if i == j:
+      dn = jnp.where(c.lower[True], dn, 0.0)
+    z = dn * c.e[i, j] * c.gram[i, j]
+    row = jnp.sum(z, axis=1)
+    grads["b"][i] = grads["b"][i] + row
+    grads["log_prev"][i] = grads["log_prev"][i] + sc.b[i] * row
+    grads["log_g"][j] = grads["log_g"][j] - jnp.sum(sc.b[i][:, None] * z, axis=0)
+    dg = dn * sc.b[i][:, None] * c.e[i, j]
+    dk[i] = dk[i] + _dot(dg, k[j], dtype=cdt)
+    dk[j] = dk[j] + _dot(dg, k[i], trans_a=True, dtype=cdt)
+  rowdot = lambda a, b: jnp.sum(a.astype(b.dtype) * b, axis=1)
+  grads["wk"] = [rowdot(kb, d) for kb, d in zip(k, dx[0])]
+  grads["s"] = [rowdot(vb, d) for vb, d in zip(v, dx[1])]
+  dk = [a + w[:, None] * d for a, w, d in zip(dk, sc.wk, dx[0])]
+  if form.anchored:
+    grads["s"] = [a + rowdot(kb, d) for a, kb, d in zip(grads["s"], k, dx[2])]
+    dk = [a + s[:, None] * d for a, s, d in zip(dk, sc.s, dx[2])]
+
+  # P = Γ ⊙ Q Kᵀ
+  if not form.reads_anchor:
+    for i, j in c.lower_pairs:
+      dp = cots[3][_rows(i), _rows(j)].astype(wide)
+      gamma = c.gamma((i, j))
+      z = dp * gamma * _dot(q[i], k[j], trans_b=True)
+      grads["log_read"][i] = grads["log_read"][i] + jnp.sum(z, axis=1)
+      grads["log_g"][j] = grads["log_g"][j] - jnp.sum(z, axis=0)
+      dpg = dp * gamma
+      dq[i] = dq[i] + _dot(dpg, k[j], dtype=cdt)
+      dk[j] = dk[j] + _dot(dpg, q[i], trans_a=True, dtype=cdt)
+
+  # Qs = read ⊙ Q, Kd = decay ⊙ K
+  dqs, dkd = _blocks(cots[2], nb), _blocks(cots[4], nb)
+  grads["read"] = [rowdot(qb, d.astype(wide)) for qb, d in zip(q, dqs)]
+  grads["decay"] = [rowdot(kb, d.astype(wide)) for kb, d in zip(k, dkd)]
+  dq = [a + r[:, None] * d.astype(wide) for a, r, d in zip(dq, sc.read, dqs)]
+  dk = [a + w[:, None] * d.astype(wide) for a, w, d in zip(dk, sc.decay, dkd)]
+
+  _store_blocks(dk_ref, dk)
+  _store_blocks(dv_ref, _scaled(sc.s, dx[1]))
+  _store_blocks(dq_ref, dq)
+  for ref, name in zip(dsc_refs, ChunkScalars._fields):
+    _store_blocks(ref, grads[name])
+
+
+def _specs(size: int, dk: int, dv: int):
+  """Inputs ``[B, T, H, d]``, per-token scalars ``[B, H, N, C]``, tiles ``[B, H, N, C, w]``."""
+  rows = lambda d: pl.BlockSpec((None, size, None, d), lambda b, h, c: (b, c, h, 0))
+  scalar = pl.BlockSpec((None, None, None, size), lambda b, h, c: (b, h, c, 0))
+  tile = lambda w: pl.BlockSpec((None, None, None, size, w), lambda b, h, c: (b, h, c, 0, 0))
+  return rows(dk), rows(dv), scalar, tile
+
+
+def _widths(form: ReadForm, size: int, dk: int, dv: int) -> tuple[int, ...]:
+  return (dk, dv, dk, size, dk) + ((dk,) if form.anchored else ())
+
+
+_STATIC = ("size", "form", "num_warps", "interpret", "backend")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _forward(k, v, q, scalars, *, size, form, num_warps, interpret, backend):
+  batch, t, heads, dk = k.shape
+  dv, n = v.shape[-1], t // size
+  keys, vals, scalar, tile = _specs(size, dk, dv)
+  widths = _widths(form, size, dk, dv)
+  out_shape = [jax.ShapeDtypeStruct((batch, heads, n, size, w), k.dtype) for w in widths]
+  kernel = functools.partial(_forward_kernel, nb=size // BLOCK, form=form)
+  return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch, heads, n),
+                        in_specs=[keys, vals, keys] + [scalar] * len(scalars),
+                        out_specs=[tile(w) for w in widths],
+                        compiler_params=compiler_params(backend, num_warps),
+                        interpret=interpret, name="matrix_memory_tiles_fwd")(k, v, q, *scalars)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _backward(k, v, q, scalars, cotangents, *, size, form, num_warps, interpret, backend):
+  batch, t, heads, dk = k.shape
+  dv, n = v.shape[-1], t // size
+  keys, vals, scalar, tile = _specs(size, dk, dv)
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, q)]
+  out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in scalars]
+  kernel = functools.partial(_backward_kernel, nb=size // BLOCK, form=form)
+  tiles = [tile(w) for w in _widths(form, size, dk, dv)]
+  return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch, heads, n),
+                        in_specs=[keys, vals, keys] + [scalar] * len(scalars) + tiles,
+                        out_specs=[keys, vals, keys] + [scalar] * len(scalars),
+                        compiler_params=compiler_params(backend, num_warps),
+                        interpret=interpret, name="matrix_memory_tiles_bwd")(
+                            k, v, q, *scalars, *cotangents)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _tiles(size, form, num_warps, interpret, backend, k, v, q, scalars):
+  return tuple(_forward(k, v, q, scalars, size=size, form=form, num_warps=num_warps,
+                        interpret=interpret, backend=backend))
+
+
+def _tiles_fwd(size, form, num_warps, interpret, backend, k, v, q, scalars):
+  return _tiles(size, form, num_warps, interpret, backend, k, v, q, scalars), (k, v, q, scalars)
+
+
+def _tiles_bwd(size, form, num_warps, interpret, backend, residuals, cotangents):
+  k, v, q, scalars = residuals
+  dk, dv, dq, *dscalars = _backward(k, v, q, scalars, tuple(cotangents), size=size, form=form,
+                                    num_warps=num_warps, interpret=interpret, backend=backend)
+  return dk, dv, dq, ChunkScalars(*dscalars)
+
+
+_tiles.defvjp(_tiles_fwd, _tiles_bwd)
+
+
+def tiles_pallas(form: ReadForm, k: jax.Array, v: jax.Array, q: jax.Array,
+                 scalars: ChunkScalars, size: int, *, num_warps: int = 4,
+                 interpret: bool = False, backend: str = "triton") -> dict[str, jax.Array | None]:
+  """Every chunk's tiles (:func:`~nlj_kernels.matrix_memory.prepare.chunk_tiles`;
+  differentiable).
+
+  Args:
+    form: the tiles' static shape (:func:`~nlj_kernels.matrix_memory.prepare.read_form`).
+    k, q: ``[B, T, H, d_k]``; v: ``[B, T, H, d_v]`` (``T % size == 0``), in the products' dtype.
+    scalars: :class:`~nlj_kernels.matrix_memory.prepare.ChunkScalars` of ``[B, H, N, C]``
+      arrays (float32, or float64 in tests).
+    size: the chunk ``C``, a multiple of 16.
+
+  Returns:
+    ``{name: [B, H, N, C, ·]}`` for :data:`TILES` in k's dtype (``ka`` None unless
+    ``form.anchored``).
+  """
+  if size % BLOCK or k.shape[1] % size:
+    raise ValueError(f"the stage-1 kernels need chunk % {BLOCK} == 0 and T % chunk == 0, got "
+                     f"chunk={size}, T={k.shape[1]}")
+  out = _tiles(size, form, num_warps, interpret, backend, k, v, q.astype(k.dtype),
+               ChunkScalars(*scalars))
+  return dict(zip(TILES, out + (None,) * (len(TILES) - len(out))))
+
+
+def prepare_pallas(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta: jax.Array,
+                   alpha: jax.Array, beta: jax.Array, mask: jax.Array, *, num_warps: int = 4,
+                   interpret: bool = False, backend: str = "triton") -> ChunkCoefficients:
+  """Stage-1 coefficients of every chunk with the tiles by the kernels (differentiable).
+
+  Args:
+    config: the op.
+    k, q: ``[B, T, H, d_k]``; v: ``[B, T, H, d_v]`` (``T % chunk == 0``; pad first);
+      eta, alpha, beta, mask: ``[B, T, H]``.
+
+  Returns:
+    :class:`ChunkCoefficients` with leading ``[B, H, N]`` axes: tiles in k's dtype, scalars in
+    float32 (float64 stays). With momentum nothing is solved and every field comes from
+    :func:`~nlj_kernels.matrix_memory.prepare.chunk_parts` in plain JAX.
+  """
+  args = chunk_inputs(k, v, q, eta, alpha, beta, mask, size=config.chunk)
+  coeffs, scalars = jax.vmap(jax.vmap(jax.vmap(functools.partial(chunk_parts, config))))(*args)
+  if scalars is None:
+    return coeffs
+  tiles = tiles_pallas(read_form(config), k, v, q, scalars, config.chunk, num_warps=num_warps,
+                       interpret=interpret, backend=backend)
+  return coeffs._replace(**tiles)
