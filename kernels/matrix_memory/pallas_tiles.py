@@ -30,6 +30,7 @@ the recurrence kernels do.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -62,36 +63,25 @@ def _rows(i: int) -> pl.Slice:
   return pl.ds(i * BLOCK, BLOCK)
 
 
-def _blocks(ref, nb: int) -> list[jax.Array]:
-  """The ``nb`` 16-row blocks of a ``[C, ·]`` or ``[C]`` ref."""
-  return [ref[_rows(i)] for i in range(nb)]
-
-
 def _store_blocks(ref, blocks: list[jax.Array]) -> None:
   for i, x in enumerate(blocks):
     ref[_rows(i)] = x.astype(ref.dtype)
 
 
-def _scaled(weights: list[jax.Array], x: list[jax.Array]) -> list[jax.Array]:
-  return [w[:, None] * xi.astype(w.dtype) for w, xi in zip(weights, x)]
-
-
 class _Chunk:
-  """One chunk's blocks: keys, queries, per-token scalars, the factors of ``N`` and ``Γ``, and
-  ``T`` (lower blocks ``[i, j]``, ``j <= i``)."""
+  """One chunk of one program: block loads of its inputs (read from the refs where used, so
+  that little stays live in registers), ``N`` and ``T`` (lower blocks ``[i, j]``, ``j <= i``).
+  """
 
-  def __init__(self, k_ref, q_ref, scalar_refs, nb: int, form: ReadForm):
-    self.nb, self.cdt, self.form = nb, k_ref.dtype, form
-    self.k, self.q = _blocks(k_ref, nb), _blocks(q_ref, nb)
-    wide = jnp.promote_types(scalar_refs[0].dtype, jnp.float32)
-    self.sc = ChunkScalars(*([x.astype(wide) for x in _blocks(r, nb)] for r in scalar_refs))
+  def __init__(self, k_ref, v_ref, q_ref, scalar_refs, nb: int, form: ReadForm):
+    self.refs, self.nb, self.cdt, self.form = (k_ref, v_ref, q_ref), nb, k_ref.dtype, form
+    self.scalar_refs = dict(zip(ChunkScalars._fields, scalar_refs))
+    self.wide = jnp.promote_types(scalar_refs[0].dtype, jnp.float32)
     rows = jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1)
     self.lower = {True: rows > cols, False: rows >= cols}  # diagonal blocks, by strictness
     self.lower_pairs = [(i, j) for i in range(nb) for j in range(i + 1)]
-    self.e = {ij: self.ratios(self.sc.log_prev, ij, True) for ij in self.lower_pairs}
-    self.gram = {(i, j): _dot(self.k[i], self.k[j], trans_b=True) for i, j in self.lower_pairs}
-    self.n = {ij: self.sc.b[ij[0]][:, None] * self.e[ij] * self.gram[ij]
+    self.n = {ij: self.sc("b", ij[0])[:, None] * self.e(ij) * self.gram(ij)
               for ij in self.lower_pairs}
     self.t = {}
     for i in range(nb):
@@ -101,121 +91,135 @@ class _Chunk:
         acc = sum(jnp.dot(self.n[i, m], self.t[m, j]) for m in range(j, i))
         self.t[i, j] = -jnp.dot(d, acc)
 
-  def ratios(self, log_rows: list[jax.Array], ij: tuple[int, int], strict: bool) -> jax.Array:
+  def k(self, i: int) -> jax.Array:
+    return self.refs[0][_rows(i)]
+
+  def v(self, i: int) -> jax.Array:
+    return self.refs[1][_rows(i)]
+
+  def q(self, i: int) -> jax.Array:
+    return self.refs[2][_rows(i)]
+
+  def sc(self, name: str, i: int) -> jax.Array:
+    """Block ``i`` of the per-token scalar ``name`` (a :class:`ChunkScalars` field)."""
+    return self.scalar_refs[name][_rows(i)].astype(self.wide)
+
+  def ratios(self, log_rows: str, ij: tuple[int, int], strict: bool) -> jax.Array:
     """Block ``[i, j]`` of ``exp(log_rows_t - log_g_u)`` on ``u <= t`` (``u < t``), else 0."""
     i, j = ij
-    diff = log_rows[i][:, None] - self.sc.log_g[j][None, :]
+    diff = self.sc(log_rows, i)[:, None] - self.sc("log_g", j)[None, :]
     if i > j:
       return jnp.exp(diff)
     keep = self.lower[strict]
     return jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)
 
-  def gamma(self, ij: tuple[int, int]) -> jax.Array:
-    """Block ``[i, j]`` of the read decay ``Γ`` of ``P`` (lower blocks)."""
-    return self.ratios(self.sc.log_read, ij, self.form.strict)
+  def e(self, ij: tuple[int, int]) -> jax.Array:
+    """Block ``[i, j]`` of ``N``'s decay ``E``."""
+    return self.ratios("log_prev", ij, True)
 
-  def apply(self, x: list[jax.Array]) -> list[jax.Array]:
-    """``T x`` for 16-row blocks ``x``."""
-    return [sum(_dot(self.t[i, j], x[j], dtype=self.cdt) for j in range(i + 1))
+  def gram(self, ij: tuple[int, int]) -> jax.Array:
+    return _dot(self.k(ij[0]), self.k(ij[1]), trans_b=True)
+
+  def gamma(self, ij: tuple[int, int]) -> jax.Array:
+    """Block ``[i, j]`` of the read decay ``Γ`` of ``P``."""
+    return self.ratios("log_read", ij, self.form.strict)
+
+  def products(self) -> list[tuple[int, str, Callable[[int], jax.Array]]]:
+    """The WY products ``T x``, ``x = weight ⊙ rows``: (output index, weight, rows loader) for
+    ``wk ⊙ K``, ``s ⊙ V`` and, for anchored writes, ``s ⊙ K``."""
+    out = [(0, "wk", self.k), (1, "s", self.v)]
+    return out + [(5, "s", self.k)] if self.form.anchored else out
+
+  def scaled(self, weight: str, rows: Callable[[int], jax.Array], i: int) -> jax.Array:
+    """Block ``i`` of ``weight ⊙ rows`` in the products' dtype."""
+    return (self.sc(weight, i)[:, None] * rows(i).astype(self.wide)).astype(self.cdt)
+
+  def apply(self, x: Callable[[int], jax.Array]) -> list[jax.Array]:
+    """``T x`` for a loader ``x`` of 16-row blocks."""
+    return [sum(_dot(self.t[i, j], x(j), dtype=self.cdt) for j in range(i + 1))
             for i in range(self.nb)]
 
-  def apply_t(self, y: list[jax.Array]) -> list[jax.Array]:
-    """``Tᵀ y`` for 16-row blocks ``y``."""
-    return [sum(_dot(self.t[i, j], y[i], trans_a=True, dtype=self.cdt)
+  def apply_t(self, y: Callable[[int], jax.Array]) -> list[jax.Array]:
+    """``Tᵀ y`` for a loader ``y`` of 16-row blocks."""
+    return [sum(_dot(self.t[i, j], y(i), trans_a=True, dtype=self.cdt)
                 for i in range(j, self.nb)) for j in range(self.nb)]
-
-  def products(self, v: list[jax.Array]) -> list[tuple[list[jax.Array], list[jax.Array]]]:
-    """``(T x, x)`` pairs: ``x = wk ⊙ K``, ``s ⊙ V`` and, for anchored writes, ``s ⊙ K``."""
-    sc = self.sc
-    xs = [_scaled(sc.wk, self.k), _scaled(sc.s, v)]
-    if self.form.anchored:
-      xs.append(_scaled(sc.s, self.k))
-    return xs
 
 
 def _forward_kernel(k_ref, v_ref, q_ref, *refs, nb: int, form: ReadForm):
-  scalar_refs, outs = refs[:len(ChunkScalars._fields)], refs[len(ChunkScalars._fields):]
-  c = _Chunk(k_ref, q_ref, scalar_refs, nb, form)
-  kw_ref, vu_ref, qs_ref, p_ref, kd_ref = outs[:5]
-  xs = c.products(_blocks(v_ref, nb))
-  for ref, x in zip((kw_ref, vu_ref) + tuple(outs[5:]), xs):
-    _store_blocks(ref, c.apply(x))
-  _store_blocks(qs_ref, _scaled(c.sc.read, c.q))
-  _store_blocks(kd_ref, _scaled(c.sc.decay, c.k))
-  zero = jnp.zeros((BLOCK, BLOCK), p_ref.dtype)
-  for i in range(nb):
+  n_sc = len(ChunkScalars._fields)
+  scalar_refs, outs = refs[:n_sc], refs[n_sc:]
+  c = _Chunk(k_ref, v_ref, q_ref, scalar_refs, nb, form)
+  for i in range(nb):  # the reads first: queries are not needed after them
+    outs[2][_rows(i)] = (c.sc("read", i)[:, None] * c.q(i).astype(c.wide)).astype(outs[2].dtype)
+    outs[4][_rows(i)] = c.scaled("decay", c.k, i).astype(outs[4].dtype)
     for j in range(nb):
       if j > i or form.reads_anchor:
-        p_ref[_rows(i), _rows(j)] = zero
+        block = jnp.zeros((BLOCK, BLOCK), c.wide)
       else:
-        qk = _dot(c.q[i], c.k[j], trans_b=True)
-        p_ref[_rows(i), _rows(j)] = (c.gamma((i, j)) * qk).astype(p_ref.dtype)
+        block = c.gamma((i, j)) * _dot(c.q(i), c.k(j), trans_b=True)
+      outs[3][_rows(i), _rows(j)] = block.astype(outs[3].dtype)
+  for index, weight, rows in c.products():
+    _store_blocks(outs[index], c.apply(lambda j, w=weight, r=rows: c.scaled(w, r, j)))
 
 
 def _backward_kernel(k_ref, v_ref, q_ref, *refs, nb: int, form: ReadForm):
   n_sc = len(ChunkScalars._fields)
   scalar_refs, refs = refs[:n_sc], refs[n_sc:]
-  n_cot = 6 if form.anchored else 5
+  n_cot = len(_widths(form, 16, 16, 16))
   cots, (dk_ref, dv_ref, dq_ref), dsc_refs = refs[:n_cot], refs[n_cot:n_cot + 3], refs[n_cot + 3:]
-  c = _Chunk(k_ref, q_ref, scalar_refs, nb, form)
-  sc, k, q, v, cdt = c.sc, c.k, c.q, _blocks(v_ref, nb), c.cdt
-  wide = sc.b[0].dtype
-  zeros = lambda: [jnp.zeros((BLOCK,), wide) for _ in range(nb)]
-  grads = {name: zeros() for name in ChunkScalars._fields}
-  dk = [jnp.zeros(kb.shape, wide) for kb in k]
-  dq = [jnp.zeros(qb.shape, wide) for qb in q]
+  c = _Chunk(k_ref, v_ref, q_ref, scalar_refs, nb, form)
+  cdt, wide = c.cdt, c.wide
+  cot = lambda index: lambda i: cots[index][_rows(i)]
+  rowdot = lambda a, b: jnp.sum(a.astype(wide) * b.astype(wide), axis=1)
+  grads = {name: [jnp.zeros((BLOCK,), wide)] * nb for name in ChunkScalars._fields}
+
+  def add(name: str, i: int, x: jax.Array) -> None:
+    grads[name][i] = grads[name][i] + x
+
+  # Qs = read ⊙ Q, Kd = decay ⊙ K, P = Γ ⊙ Q Kᵀ (queries are done after this part)
+  dq = [c.sc("read", i)[:, None] * cots[2][_rows(i)].astype(wide) for i in range(nb)]
+  dk = [c.sc("decay", i)[:, None] * cots[4][_rows(i)].astype(wide) for i in range(nb)]
+  for i in range(nb):
+    add("read", i, rowdot(c.q(i), cots[2][_rows(i)]))
+    add("decay", i, rowdot(c.k(i), cots[4][_rows(i)]))
+  if not form.reads_anchor:
+    for i, j in c.lower_pairs:
+      dpg = cots[3][_rows(i), _rows(j)].astype(wide) * c.gamma((i, j))
+      z = dpg * _dot(c.q(i), c.k(j), trans_b=True)
+      add("log_read", i, jnp.sum(z, axis=1))
+      add("log_g", j, -jnp.sum(z, axis=0))
+      dq[i] = dq[i] + _dot(dpg, c.k(j), dtype=cdt)
+      dk[j] = dk[j] + _dot(dpg, c.q(i), trans_a=True, dtype=cdt)
+  _store_blocks(dq_ref, dq)
 
   # WY products: x̄ = Tᵀ Ȳ, T̄ = Σ Ȳ xᵀ, N̄ = -Tᵀ T̄ Tᵀ
-  xs = c.products(v)
-  dys = [_blocks(cots[0], nb), _blocks(cots[1], nb)] + ([_blocks(cots[5], nb)]
-                                                        if form.anchored else [])
-  dx = [c.apply_t(dy) for dy in dys]
-  dt = {(i, j): sum(_dot(dy[i], x[j], trans_b=True, dtype=cdt) for dy, x in zip(dys, xs))
-        for i, j in c.lower_pairs}
+  products = c.products()
+  dt = {(i, j): sum(_dot(cots[index][_rows(i)], c.scaled(w, rows, j), trans_b=True, dtype=cdt)
+                    for index, w, rows in products) for i, j in c.lower_pairs}
   tdt = {(i, b): sum(_dot(c.t[m, i], dt[m, b], trans_a=True) for m in range(i, nb))
          for i, b in c.lower_pairs}  # Tᵀ T̄ on the blocks N̄ needs
   for i, j in c.lower_pairs:
     dn = -sum(_dot(tdt[i, b], c.t[j, b], trans_b=True) for b in range(j + 1))
     if i == j:
       dn = jnp.where(c.lower[True], dn, 0.0)
-    z = dn * c.e[i, j] * c.gram[i, j]
-    row = jnp.sum(z, axis=1)
-    grads["b"][i] = grads["b"][i] + row
-    grads["log_prev"][i] = grads["log_prev"][i] + sc.b[i] * row
-    grads["log_g"][j] = grads["log_g"][j] - jnp.sum(sc.b[i][:, None] * z, axis=0)
-    dg = dn * sc.b[i][:, None] * c.e[i, j]
-    dk[i] = dk[i] + _dot(dg, k[j], dtype=cdt)
-    dk[j] = dk[j] + _dot(dg, k[i], trans_a=True, dtype=cdt)
-  rowdot = lambda a, b: jnp.sum(a.astype(b.dtype) * b, axis=1)
-  grads["wk"] = [rowdot(kb, d) for kb, d in zip(k, dx[0])]
-  grads["s"] = [rowdot(vb, d) for vb, d in zip(v, dx[1])]
-  dk = [a + w[:, None] * d for a, w, d in zip(dk, sc.wk, dx[0])]
-  if form.anchored:
-    grads["s"] = [a + rowdot(kb, d) for a, kb, d in zip(grads["s"], k, dx[2])]
-    dk = [a + s[:, None] * d for a, s, d in zip(dk, sc.s, dx[2])]
-
-  # P = Γ ⊙ Q Kᵀ
-  if not form.reads_anchor:
-    for i, j in c.lower_pairs:
-      dp = cots[3][_rows(i), _rows(j)].astype(wide)
-      gamma = c.gamma((i, j))
-      z = dp * gamma * _dot(q[i], k[j], trans_b=True)
-      grads["log_read"][i] = grads["log_read"][i] + jnp.sum(z, axis=1)
-      grads["log_g"][j] = grads["log_g"][j] - jnp.sum(z, axis=0)
-      dpg = dp * gamma
-      dq[i] = dq[i] + _dot(dpg, k[j], dtype=cdt)
-      dk[j] = dk[j] + _dot(dpg, q[i], trans_a=True, dtype=cdt)
-
-  # Qs = read ⊙ Q, Kd = decay ⊙ K
-  dqs, dkd = _blocks(cots[2], nb), _blocks(cots[4], nb)
-  grads["read"] = [rowdot(qb, d.astype(wide)) for qb, d in zip(q, dqs)]
-  grads["decay"] = [rowdot(kb, d.astype(wide)) for kb, d in zip(k, dkd)]
-  dq = [a + r[:, None] * d.astype(wide) for a, r, d in zip(dq, sc.read, dqs)]
-  dk = [a + w[:, None] * d.astype(wide) for a, w, d in zip(dk, sc.decay, dkd)]
-
+    e = c.e((i, j))
+    z = dn * e * c.gram((i, j))
+    row, b_i = jnp.sum(z, axis=1), c.sc("b", i)
+    add("b", i, row)
+    add("log_prev", i, b_i * row)
+    add("log_g", j, -jnp.sum(b_i[:, None] * z, axis=0))
+    dg = dn * b_i[:, None] * e
+    dk[i] = dk[i] + _dot(dg, c.k(j), dtype=cdt)
+    dk[j] = dk[j] + _dot(dg, c.k(i), trans_a=True, dtype=cdt)
+  for index, weight, rows in products:
+    dx = c.apply_t(cot(index))
+    for i in range(nb):
+      add(weight, i, rowdot(rows(i), dx[i]))
+      if rows == c.k:
+        dk[i] = dk[i] + c.sc(weight, i)[:, None] * dx[i]
+    if rows == c.v:
+      _store_blocks(dv_ref, [c.sc("s", i)[:, None] * dx[i] for i in range(nb)])
   _store_blocks(dk_ref, dk)
-  _store_blocks(dv_ref, _scaled(sc.s, dx[1]))
-  _store_blocks(dq_ref, dq)
   for ref, name in zip(dsc_refs, ChunkScalars._fields):
     _store_blocks(ref, grads[name])
 
