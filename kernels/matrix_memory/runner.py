@@ -53,8 +53,9 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
     interpret: run the kernels in interpret mode; default: unless JAX runs on the device the
       backend compiles for.
     backend: ``"triton"`` or ``"tpu"``; default ``"tpu"`` on a TPU, else ``"triton"``.
-    stage1: ``"jax"`` (:mod:`.prepare`, the default) or ``"pallas"`` (the WY products by the
-      kernels of :mod:`.pallas_tiles`, Triton only; opt-in until measured faster on a GPU).
+    stage1: ``"pallas"`` (the tiles by the kernels of :mod:`.pallas_tiles`, Triton only; the
+      default for compiled Triton kernels, measured faster on an H100 in both directions) or
+      ``"jax"`` (:mod:`.prepare`; the default in interpret mode and on TPU).
     inverse: the plain-JAX stage 1's triangular inverse, ``"solve"`` or ``"blocked"``
       (:mod:`nlj.core.triangular`; the Pallas kernels invert 16-row blocks themselves).
   """
@@ -64,7 +65,7 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
     raise ValueError(f"backend must be one of {pallas_recurrence.BACKENDS}, got {backend!r}")
   if interpret is None:
     interpret = platform != {"triton": "gpu", "tpu": "tpu"}[backend]
-  stage1 = stage1 or "jax"
+  stage1 = stage1 or ("pallas" if backend == "triton" and not interpret else "jax")
   if stage1 not in STAGE1 or (stage1 == "pallas" and backend != "triton"):
     raise ValueError(f"stage1 must be one of {STAGE1} ('pallas' with backend='triton' only), "
                      f"got stage1={stage1!r} with backend={backend!r}")

@@ -259,6 +259,14 @@ def test_kernels_lower_for_tpu(momentum):
   assert text.count("tpu_custom_call") == 2
 
 
+def test_stage1_default_is_the_pallas_kernels_when_compiled_for_triton():
+  from nlj_kernels.matrix_memory import launch_options  # pylint: disable=import-outside-toplevel
+  assert launch_options(interpret=False, backend="triton").stage1 == "pallas"
+  assert launch_options(interpret=True, backend="triton").stage1 == "jax"
+  assert launch_options(interpret=True, backend="tpu").stage1 == "jax"
+  assert launch_options(interpret=False, backend="triton", stage1="jax").stage1 == "jax"
+
+
 def test_launch_options_name_bad_backends():
   with pytest.raises(ValueError, match="backend must be one of"):
     run_level(make_level("gated_deltanet"), None, None, backend="cuda")
