@@ -157,13 +157,16 @@ def create_train_state(config: ModelConfig, optimizer: optax.GradientTransformat
     ``TrainState`` of its ``NamedSharding`` s.
   """
 
-  def init() -> TrainState:
-    _, params = split_model(build_model(config, nnx.Rngs(seed)))
+  def init(key: jax.Array) -> TrainState:
+    _, params = split_model(build_model(config, nnx.Rngs(key)))
     return init_train_state(params, optimizer, seed)
 
+  # The key is an argument, not a constant of the jitted init, so XLA cannot try to fold the
+  # random initialisation into constants at compile time (jax-ml/jax#16647).
+  key = jax.random.key(seed)
   graphdef, _ = split_model(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(seed))))
-  shardings = state_shardings(jax.eval_shape(init), optimizer, mesh, config.d_model)
-  state = jax.jit(init, out_shardings=shardings)()
+  shardings = state_shardings(jax.eval_shape(init, key), optimizer, mesh, config.d_model)
+  state = jax.jit(init, out_shardings=shardings)(key)
   return graphdef, state, shardings
 
 
