@@ -9,8 +9,8 @@ bfloat16 inputs; and a poisoned-output run (every element of ``y`` and ``S`` wri
 
 ``--bench``: forward and forward+backward milliseconds (median of ``--repeats``) at
 B×T×H×D ∈ {8×2048, 4×4096, 2×8192, 1×16384} × 16 × 128 with bfloat16 inputs, for the kernel
-(Gated DeltaNet semantics with the plain-JAX stage 1 and with the WY products by the Pallas
-kernels, and Titans' linear memory with momentum), the chunked JAX form of the
+(Gated DeltaNet semantics with the op's default stage 1 -- the Pallas tiles kernels on a GPU --
+and with the plain-JAX stage 1, and Titans' linear memory with momentum), the chunked JAX form of the
 same level (float32, as ``Level.run`` computes), and jax-linear-attention's Gated DeltaNet
 (Pallas Mosaic GPU and plain JAX) when ``jla`` is importable. Ceilings (bf16 matmul TFLOP/s,
 device copy GB/s) are measured in the same run. Prints a table and writes JSON.
@@ -82,7 +82,7 @@ def inputs(key, b, t, h, d, dtype=jnp.float32):
   return LevelInputs(k, v, q, eta, alpha, beta)
 
 
-def check(report: dict, cases: list[int], stage1: str) -> None:
+def check(report: dict, cases: list[int], stage1: str | None) -> None:
   key = jax.random.PRNGKey(1)
   rows = []
   with jax.default_matmul_precision("highest"):
@@ -159,12 +159,11 @@ def op_cost(b, t, h, d, chunk=64):
 
 VARIANTS = {  # label: (op, launch options) of our kernel in --bench
     "pallas_gdn": ("gdn", {}),
-    "pallas_gdn_blocked_inverse": ("gdn", {"inverse": "blocked"}),
+    "pallas_gdn_stage1_jax": ("gdn", {"stage1": "jax"}),
+    "pallas_gdn_stage1_jax_blocked_inverse": ("gdn", {"stage1": "jax", "inverse": "blocked"}),
     "pallas_gdn_bv32": ("gdn", {"block_v": 32}),
     "pallas_gdn_bv64_w8": ("gdn", {"num_warps": 8}),
     "pallas_gdn_bv128_w8": ("gdn", {"block_v": 128, "num_warps": 8}),
-    "pallas_gdn_stage1_pallas": ("gdn", {"stage1": "pallas"}),
-    "pallas_gdn_stage1_pallas_w8": ("gdn", {"stage1": "pallas", "num_warps": 8}),
     "pallas_titans_momentum": ("titans", {}),
 }
 PEERS = ("chunked", "jla")
@@ -280,8 +279,8 @@ def main() -> None:
                       help="indices into CHECK_CASES for --check")
   parser.add_argument("--shapes", default="0,1,2,3",
                       help="indices into SHAPES, or BxTxHxD shapes, for --bench")
-  parser.add_argument("--stage1", default="jax", choices=("jax", "pallas"),
-                      help="stage 1 the --check runs")
+  parser.add_argument("--stage1", default=None, choices=("jax", "pallas"),
+                      help="stage 1 the --check runs (default: the op's for the platform)")
   parser.add_argument("--bench", action="store_true")
   parser.add_argument("--variants", default=",".join(VARIANTS),
                       help=f"our kernel variants for --bench, from {','.join(VARIANTS)}")
