@@ -37,11 +37,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plgpu
 
-__all__ = ["forward", "backward", "compiler_params", "BACKENDS", "CHUNK_FIELDS", "MOMENTUM_FIELDS"]
+from nlj_kernels.backends import compiler_params
 
-BACKENDS = ("triton", "tpu")
+__all__ = ["forward", "backward", "CHUNK_FIELDS", "MOMENTUM_FIELDS"]
 
 CHUNK_FIELDS = ("kw", "vu", "qs", "p", "kd", "gs")
 MOMENTUM_FIELDS = ("qm", "km", "mc", "gm")
@@ -92,17 +91,6 @@ def _scalar_writer():
     else:
       ref[c] = x
   return write
-
-
-def compiler_params(backend: str, num_warps: int, grid_dims: int = 3, parallel: bool = True):
-  """Triton or Mosaic-TPU parameters; on TPU every grid axis is parallel (programs are
-  independent) unless ``parallel=False``."""
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  if backend == "tpu":
-    kind = "parallel" if parallel else "arbitrary"
-    return pltpu.CompilerParams(dimension_semantics=(kind,) * grid_dims)
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
 def _forward_kernel(*refs, n: int, momentum: bool, save_states: bool, poison: bool):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from nlj.core.chunked import chunk_layout
 from nlj.core.level import Level, LevelInputs, LevelState
+from nlj_kernels.backends import resolve_backend
 from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.contract import OpConfig, op_config
 from nlj.core.triangular import inverse_named
@@ -59,12 +60,7 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
     inverse: the plain-JAX stage 1's triangular inverse, ``"solve"`` or ``"blocked"``
       (:mod:`nlj.core.triangular`; the Pallas kernels invert 16-row blocks themselves).
   """
-  platform = jax.default_backend()
-  backend = backend or ("tpu" if platform == "tpu" else "triton")
-  if backend not in pallas_recurrence.BACKENDS:
-    raise ValueError(f"backend must be one of {pallas_recurrence.BACKENDS}, got {backend!r}")
-  if interpret is None:
-    interpret = platform != {"triton": "gpu", "tpu": "tpu"}[backend]
+  backend, interpret = resolve_backend(backend, interpret)
   stage1 = stage1 or ("pallas" if backend == "triton" and not interpret else "jax")
   if stage1 not in STAGE1 or (stage1 == "pallas" and backend != "triton"):
     raise ValueError(f"stage1 must be one of {STAGE1} ('pallas' with backend='triton' only), "

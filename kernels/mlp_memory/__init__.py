@@ -6,8 +6,8 @@ memories, Hope eqs. 88-90; Titans' deep neural memory, Titans eqs. 9-14).
   :func:`nlj.core.chunked.run_chunked` of the same :class:`nlj.core.Level`;
 * stage 1 -- :mod:`.prepare`: state-free per-chunk coefficients (JAX, all chunks in parallel);
 * stage 2 -- :mod:`.chunk`: one chunk in dense dual form, run by the forward and (through
-  ``jax.vjp``) the backward Pallas kernels of :mod:`.pallas_chunks` (Triton on GPU,
-  ``interpret=True`` elsewhere), joined by the custom VJP in :mod:`.recurrence`;
+  ``jax.vjp``) the backward Pallas kernels of :mod:`.pallas_chunks` (Triton on GPU, Mosaic on
+  TPU, ``interpret=True`` on CPU), joined by the custom VJP in :mod:`.recurrence`;
 * :mod:`.runner` -- the level runner registered as kernel ``"mlp_memory"``;
 * ``benchmarks/kernels_mlp_memory.py`` -- GPU check and timings against the chunked JAX form.
 """
@@ -22,8 +22,8 @@ __all__ = ["OpConfig", "op_config", "unsupported_reason", "launch_options", "run
 
 
 def _applies(level) -> bool:
-  """Covered levels, on GPU (Triton) or CPU (interpret mode); TPU has no backend yet."""
-  return unsupported_reason(level) is None and jax.default_backend() in ("gpu", "cpu")
+  """Covered levels, on GPU (Triton), TPU (Mosaic) or CPU (interpret mode)."""
+  return unsupported_reason(level) is None and jax.default_backend() in ("gpu", "tpu", "cpu")
 
 
 # Opt-in (impl="pallas") until benchmarks/kernels_mlp_memory.py --check has passed on a GPU:

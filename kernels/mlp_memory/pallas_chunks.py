@@ -13,8 +13,12 @@ stored at each chunk start, carrying their cotangents; each chunk's gradients ar
 the same ``chunk_update`` evaluated inside the kernel (the chunk's forward is recomputed), so the
 backward is a Pallas kernel too and no autodiff runs through ``pallas_call``.
 
-``interpret=True`` runs both kernels on any backend (CPU in CI); otherwise they are lowered
-through Triton (``jax.experimental.pallas.triton``).
+The same kernel bodies lower through Triton on GPU (``backend="triton"``) or Mosaic on TPU
+(``backend="tpu"``: per-chunk scalars and the ``last`` flags stay whole in SMEM, Mosaic's home
+for scalars; the forward grid is parallel, the backward's sequential, since every program writes
+its scalar cotangents into the same SMEM arrays). ``interpret=True`` runs either on any device
+(the CPU in CI). The TPU form is tested in interpret mode and by lowering to Mosaic; it has not
+run on a TPU.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from typing import Any
 
 import jax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+from jax.experimental.pallas import tpu as pltpu
+
+from nlj_kernels.backends import compiler_params
 
 from nlj_kernels.mlp_memory.chunk import chunk_update
 from nlj_kernels.mlp_memory.contract import OpConfig
@@ -34,9 +40,13 @@ __all__ = ["forward", "backward"]
 Weights = tuple  # of [B, H, d_out_l, d_in_l] arrays (layers, then the skip)
 
 
-def _spec(x) -> pl.BlockSpec:
-  """An array ``[B, H, ...]`` (a field, a weight, per-chunk weights): the program's ``[...]``."""
+def _spec(x, backend: str) -> pl.BlockSpec:
+  """An array ``[B, H, ...]`` (a field, a weight, per-chunk weights): the program's ``[...]``;
+  on TPU, per-chunk scalars ``[B, H, N]`` stay whole in SMEM (Mosaic reads scalars from there).
+  """
   rest = x.shape[2:]
+  if backend == "tpu" and len(rest) == 1:
+    return pl.BlockSpec(memory_space=pltpu.SMEM)
   return pl.BlockSpec((None, None) + rest, lambda b, h: (b, h) + (0,) * len(rest))
 
 
@@ -45,12 +55,28 @@ def _per_chunk(w, n: int) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(w.shape[:2] + (n,) + w.shape[2:], w.dtype)
 
 
-def _flag_spec(n: int) -> pl.BlockSpec:
+def _flag_spec(n: int, backend: str) -> pl.BlockSpec:
+  if backend == "tpu":
+    return pl.BlockSpec(memory_space=pltpu.SMEM)
   return pl.BlockSpec((n,), lambda b, h: (0,))
 
 
-def _params(num_warps: int):
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+def _whole(fields: dict[str, jax.Array], backend: str) -> frozenset[str]:
+  """The fields :func:`_spec` keeps whole in SMEM (per-chunk scalars on TPU)."""
+  return frozenset(name for name, x in fields.items() if backend == "tpu" and x.ndim == 3)
+
+
+def _chunk_access(whole: frozenset[str]):
+  """``(read(name, ref, c), write(name, ref, c, x))`` of chunk ``c`` of a field: its block, or
+  for a field in ``whole`` (a ``[B, H, N]`` SMEM array) the scalar at this program's
+  (batch, head). Call at the kernel's top level (program ids are not available inside loop
+  bodies in interpret mode)."""
+  b, h = pl.program_id(0), pl.program_id(1)
+  index = lambda name, c: (b, h, c) if name in whole else c
+
+  def write(name, ref, c, x):
+    ref[index(name, c)] = x.astype(ref.dtype)
+  return lambda name, ref, c: ref[index(name, c)], write
 
 
 class _Refs:
@@ -84,7 +110,8 @@ def _store(refs: list | None, values: list | None, c=None) -> None:
       r[c] = x.astype(r.dtype)
 
 
-def _forward_kernel(*refs, config: OpConfig, names: tuple, n: int, precision: Any, save: bool):
+def _forward_kernel(*refs, config: OpConfig, names: tuple, n: int, precision: Any, save: bool,
+                    whole: frozenset[str]):
   nw, mom, reads = config.weights, config.momentum, "q" in names
   it = _Refs(refs)
   fields = dict(zip(names, it.take(len(names))))
@@ -93,12 +120,13 @@ def _forward_kernel(*refs, config: OpConfig, names: tuple, n: int, precision: An
   y_ref = it.one() if reads else None
   mem_out, mom_out, anchor_out = it.take(nw), it.maybe(mom, nw), it.take(nw)
   saved, msaved = it.maybe(save, nw), it.maybe(save and mom, nw)
+  read, _ = _chunk_access(whole)
 
   def chunk(c, memory, momentum, anchor):
     if save:
       _store(saved, memory, c)
       _store(msaved, momentum, c)
-    f = {name: ref[c] for name, ref in fields.items()}
+    f = {name: read(name, ref, c) for name, ref in fields.items()}
     y, memory, momentum = chunk_update(config, memory, momentum, anchor, f, precision)
     if reads:
       y_ref[c] = y.astype(y_ref.dtype)
@@ -117,10 +145,11 @@ def _forward_kernel(*refs, config: OpConfig, names: tuple, n: int, precision: An
 
 
 @functools.partial(jax.jit, static_argnames=("config", "precision", "num_warps", "save",
-                                             "interpret"))
+                                             "interpret", "backend"))
 def forward(fields: dict[str, jax.Array], memory: Weights, momentum: Weights | None,
             anchor: Weights, last: jax.Array, *, config: OpConfig, precision: Any,
-            num_warps: int = 4, save: bool = False, interpret: bool = False):
+            num_warps: int = 4, save: bool = False, interpret: bool = False,
+            backend: str = "triton"):
   """Run every chunk.
 
   Args:
@@ -141,7 +170,8 @@ def forward(fields: dict[str, jax.Array], memory: Weights, momentum: Weights | N
   batch, heads, n, size = fields["k"].shape[:4]
   d_out = fields["v"].shape[-1]
   weights = list(memory) + list(momentum or ()) + list(anchor)
-  in_specs = [_spec(x) for x in list(fields.values()) + weights] + [_flag_spec(n)]
+  spec = lambda x: _spec(x, backend)
+  in_specs = [spec(x) for x in list(fields.values()) + weights] + [_flag_spec(n, backend)]
   out_shape = [jax.ShapeDtypeStruct((batch, heads, n, size, d_out), fields["v"].dtype)
                ] if reads else []
   out_shape += [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
@@ -152,11 +182,12 @@ def forward(fields: dict[str, jax.Array], memory: Weights, momentum: Weights | N
   first_anchor_out = int(reads) + len(weights) - nw
   aliases = {first_anchor_in + i: first_anchor_out + i for i in range(nw)}
   kernel = functools.partial(_forward_kernel, config=config, names=names, n=n,
-                             precision=precision, save=save)
+                             precision=precision, save=save, whole=_whole(fields, backend))
   call = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(batch, heads), in_specs=in_specs,
-      out_specs=[_spec(o) for o in out_shape], input_output_aliases=aliases,
-      compiler_params=_params(num_warps), interpret=interpret, name="mlp_memory_fwd")
+      out_specs=[spec(o) for o in out_shape], input_output_aliases=aliases,
+      compiler_params=compiler_params(backend, num_warps, 2), interpret=interpret,
+      name="mlp_memory_fwd")
   outs = list(call(*fields.values(), *weights, last))
   y = outs.pop(0) if reads else None
   take = lambda present: tuple(outs.pop(0) for _ in range(nw)) if present else None
@@ -164,7 +195,8 @@ def forward(fields: dict[str, jax.Array], memory: Weights, momentum: Weights | N
   return y, new_memory, new_momentum, new_anchor, take(save), take(save and mom)
 
 
-def _backward_kernel(*refs, config: OpConfig, names: tuple, n: int, precision: Any):
+def _backward_kernel(*refs, config: OpConfig, names: tuple, n: int, precision: Any,
+                     whole: frozenset[str]):
   nw, mom, reads = config.weights, config.momentum, "q" in names
   it = _Refs(refs)
   fields = dict(zip(names, it.take(len(names))))
@@ -175,11 +207,12 @@ def _backward_kernel(*refs, config: OpConfig, names: tuple, n: int, precision: A
   dfields = dict(zip(names, it.take(len(names))))
   dmem_out, dmom_out, danchor_out = it.take(nw), it.maybe(mom, nw), it.take(nw)
   danchor = _load(danchor_end)
+  read, write = _chunk_access(whole)
 
   def chunk(c, dmem, dmom, anchor):
     """Cotangents at chunk ``c``'s start (and of ``anchor``; None: the anchor is the start)."""
     memory, momentum = _load(saved, c), _load(msaved, c)
-    f = {name: ref[c] for name, ref in fields.items()}
+    f = {name: read(name, ref, c) for name, ref in fields.items()}
     dmem = [d + last[c] * da for d, da in zip(dmem, danchor)]
     cot = (dy_ref[c] if reads else None, dmem, dmom)
     if anchor is None:
@@ -190,7 +223,7 @@ def _backward_kernel(*refs, config: OpConfig, names: tuple, n: int, precision: A
       fn = lambda m, s, a, ff: chunk_update(config, m, s, a, ff, precision)
       dmem, dmom, da, df = jax.vjp(fn, memory, momentum, anchor, f)[1](cot)
     for name, ref in dfields.items():
-      ref[c] = df[name].astype(ref.dtype)
+      write(name, ref, c, df[name])
     return dmem, dmom, da
 
   def body(i, carry):
@@ -203,11 +236,12 @@ def _backward_kernel(*refs, config: OpConfig, names: tuple, n: int, precision: A
   _store(danchor_out, da)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "precision", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "precision", "num_warps", "interpret",
+                                             "backend"))
 def backward(fields: dict[str, jax.Array], saved: Weights, msaved: Weights | None,
              anchor: Weights, last: jax.Array, dy: jax.Array | None, dmemory: Weights,
              dmomentum: Weights | None, danchor: Weights, *, config: OpConfig, precision: Any,
-             num_warps: int = 4, interpret: bool = False):
+             num_warps: int = 4, interpret: bool = False, backend: str = "triton"):
   """Cotangents of :func:`forward`'s inputs from those of its outputs.
 
   Args:
@@ -225,15 +259,17 @@ def backward(fields: dict[str, jax.Array], saved: Weights, msaved: Weights | Non
   batch, heads, n = fields["k"].shape[:3]
   per_chunk = list(saved) + list(msaved or ())
   ends = list(dmemory) + list(dmomentum or ()) + list(danchor)
-  in_specs = [_spec(x) for x in list(fields.values()) + per_chunk + list(anchor)]
-  in_specs += [_flag_spec(n)] + [_spec(x) for x in ([dy] if reads else []) + ends]
+  spec = lambda x: _spec(x, backend)
+  in_specs = [spec(x) for x in list(fields.values()) + per_chunk + list(anchor)]
+  in_specs += [_flag_spec(n, backend)] + [spec(x) for x in ([dy] if reads else []) + ends]
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in list(fields.values()) + ends]
   kernel = functools.partial(_backward_kernel, config=config, names=names, n=n,
-                             precision=precision)
+                             precision=precision, whole=_whole(fields, backend))
   args = list(fields.values()) + per_chunk + list(anchor) + [last] + ([dy] if reads else [])
   call = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(batch, heads), in_specs=in_specs,
-      out_specs=[_spec(o) for o in out_shape], compiler_params=_params(num_warps),
+      out_specs=[spec(o) for o in out_shape],
+      compiler_params=compiler_params(backend, num_warps, 2, parallel=False),
       interpret=interpret, name="mlp_memory_bwd")
   outs = list(call(*args, *ends))
   dfields = dict(zip(names, outs[:len(names)]))

@@ -19,15 +19,17 @@ class Launch(NamedTuple):
   """Kernel launch options.
 
   Attributes:
-    num_warps: Triton warps per program.
+    num_warps: Triton warps per program (ignored on TPU).
     interpret: run the kernels in interpret mode (any backend).
     precision: of the kernels' products: a ``jax.lax.Precision``, a ``DotAlgorithmPreset`` or None
       (``jax_default_matmul_precision``).
+    backend: ``"triton"`` (GPU) or ``"tpu"`` (Mosaic), :data:`nlj_kernels.backends.BACKENDS`.
   """
 
   num_warps: int
   interpret: bool
   precision: Any
+  backend: str = "triton"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -37,14 +39,14 @@ def chunk_recurrence(fields: dict, memory: tuple, momentum: tuple | None, anchor
   differentiable in every array argument (``last`` gets a zero cotangent)."""
   y, memory, momentum, anchor, _, _ = kernels.forward(
       fields, memory, momentum, anchor, last, config=config, precision=launch.precision,
-      num_warps=launch.num_warps, interpret=launch.interpret)
+      num_warps=launch.num_warps, interpret=launch.interpret, backend=launch.backend)
   return y, memory, momentum, anchor
 
 
 def _fwd(fields, memory, momentum, anchor, last, config, launch):
   y, new_memory, new_momentum, new_anchor, saved, msaved = kernels.forward(
       fields, memory, momentum, anchor, last, config=config, precision=launch.precision,
-      num_warps=launch.num_warps, save=True, interpret=launch.interpret)
+      num_warps=launch.num_warps, save=True, interpret=launch.interpret, backend=launch.backend)
   return (y, new_memory, new_momentum, new_anchor), (fields, saved, msaved, anchor, last)
 
 
@@ -53,7 +55,8 @@ def _bwd(config, launch, residuals, cotangents):
   dy, dmemory, dmomentum, danchor_end = cotangents
   dfields, dmemory, dmomentum, danchor = kernels.backward(
       fields, saved, msaved, anchor, last, dy, dmemory, dmomentum, danchor_end, config=config,
-      precision=launch.precision, num_warps=launch.num_warps, interpret=launch.interpret)
+      precision=launch.precision, num_warps=launch.num_warps, interpret=launch.interpret,
+      backend=launch.backend)
   unchanged = 1 - jnp.sum(last)  # no chunk completed: the output anchor is the input anchor
   danchor = tuple(d + unchanged.astype(d.dtype) * e for d, e in zip(danchor, danchor_end))
   return dfields, dmemory, dmomentum, danchor, jnp.zeros_like(last)

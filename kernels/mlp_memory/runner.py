@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from nlj.core.chunked import chunk_layout
 from nlj.core.level import Level, LevelInputs, LevelState
+from nlj_kernels.backends import resolve_backend
 from nlj_kernels.mlp_memory.contract import op_config, tile
 from nlj_kernels.mlp_memory.prepare import prepare
 from nlj_kernels.mlp_memory.recurrence import Launch, chunk_recurrence
@@ -26,17 +27,18 @@ from nlj_kernels.mlp_memory.recurrence import Launch, chunk_recurrence
 __all__ = ["run_level", "launch_options"]
 
 
-def launch_options(num_warps: int = 4, interpret: bool | None = None,
-                   precision: Any = None) -> Launch:
-  """Launch options; ``interpret`` defaults to True unless JAX runs on a GPU (Triton).
+def launch_options(num_warps: int = 4, interpret: bool | None = None, precision: Any = None,
+                   backend: str | None = None) -> Launch:
+  """Launch options with defaults for the running platform
+  (:func:`nlj_kernels.backends.resolve_backend`: ``"tpu"`` on a TPU, else ``"triton"``;
+  interpret mode unless JAX runs on the device the backend compiles for).
 
   ``precision`` None follows ``jax_default_matmul_precision`` as XLA's products do (tf32 for
   float32 on a GPU by default, exact under ``jax.default_matmul_precision("highest")``);
   ``jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3`` gives nearly float32 accuracy on tensor cores.
   """
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  return Launch(num_warps, interpret, precision)
+  backend, interpret = resolve_backend(backend, interpret)
+  return Launch(num_warps, interpret, precision, backend)
 
 
 def _weights(params: Any) -> list[jax.Array]:

@@ -5,8 +5,8 @@ outputs and states (memory, momentum, anchor, phase) when a sequence is streamed
 phase 0 and mid-chunk; memory variants (layers 1-3, identity / skip / no residual, activations,
 padded dimensions and chunks) likewise; gradients against ``jax.grad`` of the reference and
 numerically; the dispatcher; the whole self-modifying Titans layer against its chunked form;
-uncovered levels; and that both kernels lower to Triton for a Hopper GPU with every ``dot`` on
-power-of-two tiles of at least 16.
+uncovered levels; the Mosaic-TPU form in interpret mode; and that both kernels lower to Mosaic
+for a TPU and to Triton for a Hopper GPU with every ``dot`` on power-of-two tiles of at least 16.
 """
 
 from __future__ import annotations
@@ -56,10 +56,11 @@ def initial_state(level: Level, batch: int, seed: int = 1):
   return params, level.init_state(params, batch)
 
 
-def assert_streams_like_reference(level, inputs, state, pieces, tol=1e-10):
-  """Run ``inputs`` in ``pieces`` (jitted: the carried phase is traced) against one reference."""
+def assert_streams_like_reference(level, inputs, state, pieces, tol=1e-10, **launch):
+  """Run ``inputs`` in ``pieces`` (jitted: the carried phase is traced) against one reference;
+  ``launch``: more launch options (``backend``)."""
   want_state, want_y = run_reference(level, state, inputs)
-  step = jax.jit(lambda s, x: run_level(level, s, x, interpret=True))
+  step = jax.jit(lambda s, x: run_level(level, s, x, interpret=True, **launch))
   got, ys = state, []
   for start, stop in pieces:
     got, y = step(got, slice_inputs(inputs, start, stop))
@@ -132,19 +133,33 @@ def _loss(level, runner, params, inputs, batch):
   return total + sum(jnp.sum(jnp.sin(w)) for w in jax.tree.leaves(state.momentum))
 
 
-@pytest.mark.parametrize("rule,read,memory", [
-    (Rule("gd", momentum=True), "after", MLPMemory(16, 16, 32, 2, "silu")),
-    (Rule("dgd"), "boundary", MLPMemory(16, 24, 16, 3, "tanh")),
+@pytest.mark.parametrize("rule,read,memory,backend", [
+    (Rule("gd", momentum=True), "after", MLPMemory(16, 16, 32, 2, "silu"), "triton"),
+    (Rule("dgd"), "boundary", MLPMemory(16, 24, 16, 3, "tanh"), "triton"),
+    (Rule("dgd", momentum=True, dgd_variant="plain"), "before", MLPMemory(16, 16, 32, 2, "silu"),
+     "tpu"),
 ])
-def test_gradients_equal_reference(rule, read, memory):
+def test_gradients_equal_reference(rule, read, memory, backend):
   with jax.enable_x64(True):
     level = make_level(rule, read, memory)
     inputs = random_inputs(level, 2, 37, seed=7)  # 37 = 2 chunks + 5: an incomplete last chunk
     params, _ = initial_state(level, 2)
     grad = lambda runner: jax.grad(lambda p, i: _loss(level, runner, p, i, 2), (0, 1))(
         params, inputs)
-    kernel = lambda *a: run_level(*a, interpret=True)
+    kernel = lambda *a: run_level(*a, interpret=True, backend=backend)
     assert max_diff(grad(kernel), grad(run_reference)) < 1e-9
+
+
+@pytest.mark.parametrize("rule,read", [(Rule("dgd", momentum=True, dgd_variant="plain"), "after"),
+                                       (Rule("gd"), "boundary")])
+def test_tpu_backend_streams_like_reference(rule, read):
+  """The Mosaic-TPU form of the kernels (per-chunk scalars whole in SMEM, a sequential backward
+  grid), in interpret mode, from phase 0 and mid-chunk."""
+  with jax.enable_x64(True):
+    level = make_level(rule, read)
+    inputs = random_inputs(level, batch=2, seq=40, seed=13)
+    _, state = initial_state(level, 2)
+    assert_streams_like_reference(level, inputs, state, ((0, 20), (20, 40)), backend="tpu")
 
 
 def test_gradients_from_mid_chunk_state():
@@ -259,6 +274,13 @@ def _kernel_jaxprs(jaxpr):
         yield from _kernel_jaxprs(sub)
 
 
+LOWERING_CASES = [  # self-modifying Titans' η memory, Titans' deep memory, a 3-layer GELU memory
+    (Rule("dgd", momentum=True, dgd_variant="plain"), "boundary", MLPMemory(64, 1, 128, 2)),
+    (Rule("gd", momentum=True), "after", MLPMemory(64, 64, 256, 2)),
+    (Rule("dgd"), "before", MLPMemory(32, 48, 64, 3, "gelu")),
+]
+
+
 def _equations(jaxpr):
   """Every equation of ``jaxpr`` and its sub-jaxprs."""
   for eqn in jaxpr.eqns:
@@ -267,11 +289,25 @@ def _equations(jaxpr):
       yield from _equations(sub)
 
 
-@pytest.mark.parametrize("rule,read,memory", [
-    (Rule("dgd", momentum=True, dgd_variant="plain"), "boundary", MLPMemory(64, 1, 128, 2)),
-    (Rule("gd", momentum=True), "after", MLPMemory(64, 64, 256, 2)),
-    (Rule("dgd"), "before", MLPMemory(32, 48, 64, 3, "gelu")),
-])
+@pytest.mark.parametrize("rule,read,memory", LOWERING_CASES)
+def test_kernels_lower_for_tpu(rule, read, memory):
+  """Cross-platform lowering to Mosaic (no TPU needed) catches what Pallas' TPU backend
+  rejects, e.g. scalar blocks outside SMEM; Mosaic's own compiler runs only on a TPU."""
+  level = make_level(rule, read, memory, chunk=16)
+  inputs = random_inputs(level, 1, 40, seed=0, dtype=jnp.float32)
+  params = level.init(jax.random.PRNGKey(0))
+
+  def loss(params, inputs):
+    state, y = run_level(level, level.init_state(params, 1), inputs, interpret=False,
+                         backend="tpu")
+    return jnp.sum(y) + sum(jnp.sum(w) for w in jax.tree.leaves(state[:3]))
+
+  text = jax.jit(jax.grad(loss, (0, 1))).trace(params, inputs).lower(
+      lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") == 2  # the forward and the backward kernel
+
+
+@pytest.mark.parametrize("rule,read,memory", LOWERING_CASES)
 def test_kernels_lower_to_triton_for_hopper(monkeypatch, rule, read, memory):
   """Cross-platform lowering (no GPU needed) catches ops Pallas' Triton backend rejects; Triton's
   ``dot`` needs power-of-two sides of at least 16, which lowering does not check, so the kernel
