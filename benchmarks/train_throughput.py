@@ -10,7 +10,8 @@ scaling efficiency against one device, and MFU = ``6 · params · tokens/s`` ove
 bf16 matmul rate measured in the same run (attention and memory-update FLOPs beyond ``6N`` are
 not counted). ``peak GiB`` is device 0's peak memory since the process started (run one family
 per process to read it per row). A row that fails (e.g. out of memory) is recorded, not fatal.
-Prints a table and writes JSON.
+Prints a ``progress:`` line after each row's init and warm-up (so a run cut off by a time limit
+shows how far it got), then a table, and writes JSON.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def throughput(family: str, size: str, devices: int, per_device_batch: int, seq_
   graphdef, state, shardings = create_train_state(config, optimizer, 0, mesh)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - init_start
+  print(f"progress: {family} {size} on {devices} device(s): train state built in {init_s:.1f} s",
+        flush=True)
   step = jit_train_step(make_train_step(graphdef, optimizer, schedule), shardings, mesh)
   batch_size = per_device_batch * devices
   tokens = np.random.default_rng(0).integers(0, config.vocab, (batch_size, seq_len + 1),
@@ -60,6 +63,8 @@ def throughput(family: str, size: str, devices: int, per_device_batch: int, seq_
     state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
   warmup_s = time.perf_counter() - compile_start
+  print(f"progress: {family} {size}: compile and two warm-up steps in {warmup_s:.1f} s",
+        flush=True)
   start = time.perf_counter()
   for _ in range(steps):
     state, metrics = step(state, batch)
