@@ -342,6 +342,7 @@ def test_static_phase_equals_reference(seq):
 
 
 @pytest.mark.parametrize("chunk,form", [(32, (False, False, False)), (64, (True, True, False)),
+                                        (128, (False, False, False)),
                                         (32, (True, True, True)), (48, (False, False, False))])
 def test_stage1_kernels_equal_plain_jax(chunk, form):
   """The tiles of the Pallas stage 1 (16-row blocks, hand-derived backward) against
