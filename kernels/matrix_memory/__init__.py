@@ -5,6 +5,8 @@ DeltaNet, Titans' linear memory with momentum, DGD matrix memories).
   reference and the chunked JAX form are :func:`nlj.core.reference.run_reference` and
   :func:`nlj.core.chunked.run_chunked` of the same :class:`nlj.core.Level`;
 * stage 1 -- :mod:`.prepare`: state-free per-chunk coefficients (JAX, all chunks in parallel);
+  without momentum, :mod:`.pallas_tiles` builds the tiles from :mod:`.prepare`'s per-token
+  scalars in Pallas kernels (forward and backward; the default for compiled Triton kernels);
 * stage 2 -- :mod:`.pallas_recurrence`: the recurrence over chunks, forward and backward Pallas
   kernels (Triton on GPU, Mosaic on TPU, ``interpret=True`` on CPU), joined by the custom VJP in
   :mod:`.recurrence`;
