@@ -124,11 +124,11 @@ class _Chunk:
     """Block ``[i, j]`` of the read decay ``Γ`` of ``P``."""
     return self.ratios("log_read", ij, self.form.strict)
 
-  def products(self) -> list[tuple[int, str, Callable[[int], jax.Array]]]:
-    """The WY products ``T x``, ``x = weight ⊙ rows``: (output index, weight, rows loader) for
-    ``wk ⊙ K``, ``s ⊙ V`` and, for anchored writes, ``s ⊙ K``."""
-    out = [(0, "wk", self.k), (1, "s", self.v)]
-    return out + [(5, "s", self.k)] if self.form.anchored else out
+  def products(self) -> list[tuple[str, str, Callable[[int], jax.Array]]]:
+    """The WY products ``T x``, ``x = weight ⊙ rows``: (tile, weight, rows loader) for
+    ``Kw = T (wk ⊙ K)``, ``Vu = T (s ⊙ V)`` and, for anchored writes, ``Ka = T (s ⊙ K)``."""
+    out = [("kw", "wk", self.k), ("vu", "s", self.v)]
+    return out + [("ka", "s", self.k)] if self.form.anchored else out
 
   def scaled(self, weight: str, rows: Callable[[int], jax.Array], i: int) -> jax.Array:
     """Block ``i`` of ``weight ⊙ rows`` in the products' dtype."""
@@ -147,29 +147,31 @@ class _Chunk:
 
 def _forward_kernel(k_ref, v_ref, q_ref, *refs, nb: int, form: ReadForm):
   n_sc = len(ChunkScalars._fields)
-  scalar_refs, outs = refs[:n_sc], refs[n_sc:]
+  scalar_refs, out = refs[:n_sc], dict(zip(TILES, refs[n_sc:]))
   c = _Chunk(k_ref, v_ref, q_ref, scalar_refs, nb, form)
   for i in range(nb):  # the reads first: queries are not needed after them
-    outs[2][_rows(i)] = (c.sc("read", i)[:, None] * c.q(i).astype(c.wide)).astype(outs[2].dtype)
-    outs[4][_rows(i)] = c.scaled("decay", c.k, i).astype(outs[4].dtype)
+    out["qs"][_rows(i)] = (c.sc("read", i)[:, None] * c.q(i).astype(c.wide)).astype(
+        out["qs"].dtype)
+    out["kd"][_rows(i)] = c.scaled("decay", c.k, i).astype(out["kd"].dtype)
     for j in range(nb):
       if j > i or form.reads_anchor:
         block = jnp.zeros((BLOCK, BLOCK), c.wide)
       else:
         block = c.gamma((i, j)) * _dot(c.q(i), c.k(j), trans_b=True)
-      outs[3][_rows(i), _rows(j)] = block.astype(outs[3].dtype)
-  for index, weight, rows in c.products():
-    _store_blocks(outs[index], c.apply(lambda j, w=weight, r=rows: c.scaled(w, r, j)))
+      out["p"][_rows(i), _rows(j)] = block.astype(out["p"].dtype)
+  for name, weight, rows in c.products():
+    _store_blocks(out[name], c.apply(lambda j, w=weight, r=rows: c.scaled(w, r, j)))
 
 
 def _backward_kernel(k_ref, v_ref, q_ref, *refs, nb: int, form: ReadForm):
   n_sc = len(ChunkScalars._fields)
   scalar_refs, refs = refs[:n_sc], refs[n_sc:]
-  n_cot = len(_widths(form, 16, 16, 16))
-  cots, (dk_ref, dv_ref, dq_ref), dsc_refs = refs[:n_cot], refs[n_cot:n_cot + 3], refs[n_cot + 3:]
+  n_cot = len(TILES) if form.anchored else len(TILES) - 1
+  cots = dict(zip(TILES, refs[:n_cot]))
+  (dk_ref, dv_ref, dq_ref), dsc_refs = refs[n_cot:n_cot + 3], refs[n_cot + 3:]
   c = _Chunk(k_ref, v_ref, q_ref, scalar_refs, nb, form)
   cdt, wide = c.cdt, c.wide
-  cot = lambda index: lambda i: cots[index][_rows(i)]
+  cot = lambda name: lambda i: cots[name][_rows(i)]
   rowdot = lambda a, b: jnp.sum(a.astype(wide) * b.astype(wide), axis=1)
   grads = {name: [jnp.zeros((BLOCK,), wide)] * nb for name in ChunkScalars._fields}
 
@@ -177,14 +179,14 @@ def _backward_kernel(k_ref, v_ref, q_ref, *refs, nb: int, form: ReadForm):
     grads[name][i] = grads[name][i] + x
 
   # Qs = read ⊙ Q, Kd = decay ⊙ K, P = Γ ⊙ Q Kᵀ (queries are done after this part)
-  dq = [c.sc("read", i)[:, None] * cots[2][_rows(i)].astype(wide) for i in range(nb)]
-  dk = [c.sc("decay", i)[:, None] * cots[4][_rows(i)].astype(wide) for i in range(nb)]
+  dq = [c.sc("read", i)[:, None] * cots["qs"][_rows(i)].astype(wide) for i in range(nb)]
+  dk = [c.sc("decay", i)[:, None] * cots["kd"][_rows(i)].astype(wide) for i in range(nb)]
   for i in range(nb):
-    add("read", i, rowdot(c.q(i), cots[2][_rows(i)]))
-    add("decay", i, rowdot(c.k(i), cots[4][_rows(i)]))
+    add("read", i, rowdot(c.q(i), cots["qs"][_rows(i)]))
+    add("decay", i, rowdot(c.k(i), cots["kd"][_rows(i)]))
   if not form.reads_anchor:
     for i, j in c.lower_pairs:
-      dpg = cots[3][_rows(i), _rows(j)].astype(wide) * c.gamma((i, j))
+      dpg = cots["p"][_rows(i), _rows(j)].astype(wide) * c.gamma((i, j))
       z = dpg * _dot(c.q(i), c.k(j), trans_b=True)
       add("log_read", i, jnp.sum(z, axis=1))
       add("log_g", j, -jnp.sum(z, axis=0))
@@ -194,8 +196,8 @@ def _backward_kernel(k_ref, v_ref, q_ref, *refs, nb: int, form: ReadForm):
 
   # WY products: x̄ = Tᵀ Ȳ, T̄ = Σ Ȳ xᵀ, N̄ = -Tᵀ T̄ Tᵀ
   products = c.products()
-  dt = {(i, j): sum(_dot(cots[index][_rows(i)], c.scaled(w, rows, j), trans_b=True, dtype=cdt)
-                    for index, w, rows in products) for i, j in c.lower_pairs}
+  dt = {(i, j): sum(_dot(cots[name][_rows(i)], c.scaled(w, rows, j), trans_b=True, dtype=cdt)
+                    for name, w, rows in products) for i, j in c.lower_pairs}
   tdt = {(i, b): sum(_dot(c.t[m, i], dt[m, b], trans_a=True) for m in range(i, nb))
          for i, b in c.lower_pairs}  # Tᵀ T̄ on the blocks N̄ needs
   for i, j in c.lower_pairs:
@@ -211,13 +213,13 @@ def _backward_kernel(k_ref, v_ref, q_ref, *refs, nb: int, form: ReadForm):
     dg = dn * b_i[:, None] * e
     dk[i] = dk[i] + _dot(dg, c.k(j), dtype=cdt)
     dk[j] = dk[j] + _dot(dg, c.k(i), trans_a=True, dtype=cdt)
-  for index, weight, rows in products:
-    dx = c.apply_t(cot(index))
+  for name, weight, rows in products:
+    dx = c.apply_t(cot(name))
     for i in range(nb):
       add(weight, i, rowdot(rows(i), dx[i]))
-      if rows == c.k:
+      if name != "vu":
         dk[i] = dk[i] + c.sc(weight, i)[:, None] * dx[i]
-    if rows == c.v:
+    if name == "vu":
       _store_blocks(dv_ref, [c.sc("s", i)[:, None] * dx[i] for i in range(nb)])
   _store_blocks(dk_ref, dk)
   for ref, name in zip(dsc_refs, ChunkScalars._fields):
