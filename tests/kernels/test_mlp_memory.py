@@ -334,3 +334,11 @@ def test_kernels_lower_to_triton_for_hopper(monkeypatch, rule, read, memory):
   for eqn in dots:
     for var in eqn.invars:
       assert all(power(d) for d in var.aval.shape), (eqn, var.aval.shape)
+
+
+def test_launch_options_name_bad_backends():
+  from nlj_kernels.mlp_memory import launch_options  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=r"backend must be one of \('triton', 'tpu'\), got 'cuda'"):
+    launch_options(backend="cuda")
+  assert launch_options(backend="tpu", interpret=True).backend == "tpu"
+  assert launch_options(interpret=True).backend == "triton"  # on a CPU: Triton in interpret mode
