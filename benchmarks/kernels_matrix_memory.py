@@ -10,8 +10,8 @@ bfloat16 inputs; and a poisoned-output run (every element of ``y`` and ``S`` wri
 ``--bench``: forward and forward+backward milliseconds (median of ``--repeats``) at
 B×T×H×D ∈ {8×2048, 4×4096, 2×8192, 1×16384} × 16 × 128 with bfloat16 inputs, for the kernel
 (Gated DeltaNet semantics with the op's default stage 1 -- the Pallas tiles kernels on a GPU --
-and with the plain-JAX stage 1, and Titans' linear memory with momentum), the chunked JAX form of the
-same level (float32, as ``Level.run`` computes), and jax-linear-attention's Gated DeltaNet
+and with the plain-JAX stage 1, and Titans' linear memory with momentum), the chunked JAX form
+of the same level (float32, as ``Level.run`` computes), and jax-linear-attention's Gated DeltaNet
 (Pallas Mosaic GPU and plain JAX) when ``jla`` is importable. Ceilings (bf16 matmul TFLOP/s,
 device copy GB/s) are measured in the same run. Prints a table and writes JSON.
 """

@@ -40,14 +40,18 @@ from jax.experimental.pallas import tpu as pltpu
 
 from nlj_kernels.backends import compiler_params
 
-__all__ = ["forward", "backward", "CHUNK_FIELDS", "MOMENTUM_FIELDS"]
+__all__ = ["forward", "backward", "dot", "CHUNK_FIELDS", "MOMENTUM_FIELDS"]
 
 CHUNK_FIELDS = ("kw", "vu", "qs", "p", "kd", "gs")
 MOMENTUM_FIELDS = ("qm", "km", "mc", "gm")
 
 
-def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
-  """A 2-D product accumulated in at least float32, at JAX's default matmul precision."""
+def dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False,
+        dtype=None) -> jax.Array:
+  """A 2-D product (operands optionally transposed, and cast to ``dtype`` if given) accumulated
+  in at least float32, at JAX's default matmul precision."""
+  if dtype is not None:
+    a, b = a.astype(dtype), b.astype(dtype)
   dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
   out = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
   return jax.lax.dot_general(a, b, dims, preferred_element_type=out)
@@ -115,15 +119,15 @@ def _forward_kernel(*refs, n: int, momentum: bool, save_states: bool, poison: bo
       if momentum:
         mstates_ref[c] = m
     s_c = s.astype(cdt)
-    u = vu_ref[c].astype(s.dtype) - _dot(kw_ref[c], s_c)
+    u = vu_ref[c].astype(s.dtype) - dot(kw_ref[c], s_c)
     u_c = u.astype(cdt)
-    y = _dot(qs_ref[c], s_c) + _dot(p_ref[c], u_c)
-    s_next = scalar(gs_ref, c) * s + _dot(kd_ref[c], u_c, trans_a=True)
+    y = dot(qs_ref[c], s_c) + dot(p_ref[c], u_c)
+    s_next = scalar(gs_ref, c) * s + dot(kd_ref[c], u_c, trans_a=True)
     if momentum:
       m_c = m.astype(cdt)
-      y = y + _dot(qm_ref[c], m_c)
+      y = y + dot(qm_ref[c], m_c)
       s_next = s_next + scalar(mc_ref, c) * m
-      m = scalar(gm_ref, c) * m + _dot(km_ref[c], u_c, trans_a=True)
+      m = scalar(gm_ref, c) * m + dot(km_ref[c], u_c, trans_a=True)
     y_ref[c] = y.astype(y_ref.dtype)
     return s_next, m
 
@@ -220,29 +224,29 @@ def _backward_kernel(*refs, n: int, momentum: bool):
     s_c = s.astype(cdt)
     kw, kd, qs, p = kw_ref[c], kd_ref[c], qs_ref[c], p_ref[c]
     dy = dy_ref[c]
-    u = vu_ref[c].astype(s.dtype) - _dot(kw, s_c)
+    u = vu_ref[c].astype(s.dtype) - dot(kw, s_c)
     u_c = u.astype(cdt)
     ds_c = ds.astype(cdt)
-    du = _dot(p, dy, trans_a=True) + _dot(kd, ds_c)
+    du = dot(p, dy, trans_a=True) + dot(kd, ds_c)
     write(dgs_ref, c, jnp.sum(s * ds))
-    dkd_ref[c] = _dot(u_c, ds_c, trans_b=True)
-    ds_prev = _dot(qs, dy, trans_a=True) + scalar(gs_ref, c) * ds
+    dkd_ref[c] = dot(u_c, ds_c, trans_b=True)
+    ds_prev = dot(qs, dy, trans_a=True) + scalar(gs_ref, c) * ds
     if momentum:
       m = mstates_ref[c]
       m_c, dm_c = m.astype(cdt), dm.astype(cdt)
-      du = du + _dot(km_ref[c], dm_c)
+      du = du + dot(km_ref[c], dm_c)
       write(dmc_ref, c, jnp.sum(m * ds))
       write(dgm_ref, c, jnp.sum(m * dm))
-      dqm_ref[c] = _dot(dy, m_c, trans_b=True)
-      dkm_ref[c] = _dot(u_c, dm_c, trans_b=True)
-      dm = (_dot(qm_ref[c], dy, trans_a=True) + scalar(mc_ref, c) * ds
+      dqm_ref[c] = dot(dy, m_c, trans_b=True)
+      dkm_ref[c] = dot(u_c, dm_c, trans_b=True)
+      dm = (dot(qm_ref[c], dy, trans_a=True) + scalar(mc_ref, c) * ds
             + scalar(gm_ref, c) * dm)
     du_c = du.astype(cdt)
     dvu_ref[c] = du.astype(dvu_ref.dtype)
-    dkw_ref[c] = -_dot(du_c, s_c, trans_b=True)
-    dqs_ref[c] = _dot(dy, s_c, trans_b=True)
-    dp_ref[c] = _dot(dy, u_c, trans_b=True)
-    ds_prev = ds_prev - _dot(kw, du_c, trans_a=True)
+    dkw_ref[c] = -dot(du_c, s_c, trans_b=True)
+    dqs_ref[c] = dot(dy, s_c, trans_b=True)
+    dp_ref[c] = dot(dy, u_c, trans_b=True)
+    ds_prev = ds_prev - dot(kw, du_c, trans_a=True)
     return ds_prev, dm
 
   dm_end = dm_end_ref[...] if momentum else jnp.zeros((), ds_end_ref.dtype)

@@ -19,7 +19,8 @@ hand-derived rules (``X̄`` is the cotangent of ``X``)::
     N = b ⊙ E ⊙ G (E_ti = exp(lp_t - lg_i), G = K Kᵀ):  Ḡ = N̄ ⊙ b E ;  K̄ += Ḡ K + Ḡᵀ K ;
         Z = N̄ ⊙ E ⊙ G ;  b̄ = rowsum Z ;  l̄p = b ⊙ rowsum Z ;  l̄g -= colsum(b ⊙ Z)
     P:  Q̄ += (P̄ ⊙ Γ) K ;  K̄ += (P̄ ⊙ Γ)ᵀ Q ;  l̄r = rowsum(P̄ ⊙ P) ;  l̄g -= colsum(P̄ ⊙ P)
-    Qs, Kd:  Q̄ += read ⊙ Q̄s ;  r̄ead = rowsum(Q ⊙ Q̄s) ;  K̄ += decay ⊙ K̄d ;  d̄ecay = rowsum(K ⊙ K̄d)
+    Qs:  Q̄ += read ⊙ Q̄s ;  r̄ead = rowsum(Q ⊙ Q̄s)
+    Kd:  K̄ += decay ⊙ K̄d ;  d̄ecay = rowsum(K ⊙ K̄d)
 
 so no autodiff runs through the inverse. The scalars come from
 :func:`~nlj_kernels.matrix_memory.prepare.chunk_parts` in plain JAX, which differentiates them on
@@ -39,6 +40,7 @@ from jax.experimental import pallas as pl
 from nlj.core.triangular import blocked_inverse
 from nlj_kernels.backends import compiler_params
 from nlj_kernels.matrix_memory.contract import OpConfig
+from nlj_kernels.matrix_memory.pallas_recurrence import dot
 from nlj_kernels.matrix_memory.prepare import (ChunkCoefficients, ChunkScalars, ReadForm,
                                                chunk_inputs, chunk_parts, read_form)
 
@@ -46,17 +48,6 @@ __all__ = ["prepare_pallas", "tiles_pallas", "BLOCK", "TILES"]
 
 BLOCK = 16
 TILES = ("kw", "vu", "qs", "p", "kd", "ka")  # outputs in this order (ka for anchored writes)
-
-
-def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False,
-         dtype=None) -> jax.Array:
-  """``a @ b`` (operands optionally transposed, cast to ``dtype``) with an accumulator of at
-  least float32."""
-  if dtype is not None:
-    a, b = a.astype(dtype), b.astype(dtype)
-  dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-  out = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=out)
 
 
 def _rows(i: int) -> pl.Slice:
@@ -118,7 +109,7 @@ class _Chunk:
     return self.ratios("log_prev", ij, True)
 
   def gram(self, ij: tuple[int, int]) -> jax.Array:
-    return _dot(self.k(ij[0]), self.k(ij[1]), trans_b=True)
+    return dot(self.k(ij[0]), self.k(ij[1]), trans_b=True)
 
   def gamma(self, ij: tuple[int, int]) -> jax.Array:
     """Block ``[i, j]`` of the read decay ``Γ`` of ``P``."""
@@ -136,12 +127,12 @@ class _Chunk:
 
   def apply(self, x: Callable[[int], jax.Array]) -> list[jax.Array]:
     """``T x`` for a loader ``x`` of 16-row blocks."""
-    return [sum(_dot(self.t[i, j], x(j), dtype=self.cdt) for j in range(i + 1))
+    return [sum(dot(self.t[i, j], x(j), dtype=self.cdt) for j in range(i + 1))
             for i in range(self.nb)]
 
   def apply_t(self, y: Callable[[int], jax.Array]) -> list[jax.Array]:
     """``Tᵀ y`` for a loader ``y`` of 16-row blocks."""
-    return [sum(_dot(self.t[i, j], y(i), trans_a=True, dtype=self.cdt)
+    return [sum(dot(self.t[i, j], y(i), trans_a=True, dtype=self.cdt)
                 for i in range(j, self.nb)) for j in range(self.nb)]
 
 
@@ -157,7 +148,7 @@ def _forward_kernel(k_ref, v_ref, q_ref, *refs, nb: int, form: ReadForm):
       if j > i or form.reads_anchor:
         block = jnp.zeros((BLOCK, BLOCK), c.wide)
       else:
-        block = c.gamma((i, j)) * _dot(c.q(i), c.k(j), trans_b=True)
+        block = c.gamma((i, j)) * dot(c.q(i), c.k(j), trans_b=True)
       out["p"][_rows(i), _rows(j)] = block.astype(out["p"].dtype)
   for name, weight, rows in c.products():
     _store_blocks(out[name], c.apply(lambda j, w=weight, r=rows: c.scaled(w, r, j)))
@@ -187,21 +178,21 @@ def _backward_kernel(k_ref, v_ref, q_ref, *refs, nb: int, form: ReadForm):
   if not form.reads_anchor:
     for i, j in c.lower_pairs:
       dpg = cots["p"][_rows(i), _rows(j)].astype(wide) * c.gamma((i, j))
-      z = dpg * _dot(c.q(i), c.k(j), trans_b=True)
+      z = dpg * dot(c.q(i), c.k(j), trans_b=True)
       add("log_read", i, jnp.sum(z, axis=1))
       add("log_g", j, -jnp.sum(z, axis=0))
-      dq[i] = dq[i] + _dot(dpg, c.k(j), dtype=cdt)
-      dk[j] = dk[j] + _dot(dpg, c.q(i), trans_a=True, dtype=cdt)
+      dq[i] = dq[i] + dot(dpg, c.k(j), dtype=cdt)
+      dk[j] = dk[j] + dot(dpg, c.q(i), trans_a=True, dtype=cdt)
   _store_blocks(dq_ref, dq)
 
   # WY products: x̄ = Tᵀ Ȳ, T̄ = Σ Ȳ xᵀ, N̄ = -Tᵀ T̄ Tᵀ
   products = c.products()
-  dt = {(i, j): sum(_dot(cots[name][_rows(i)], c.scaled(w, rows, j), trans_b=True, dtype=cdt)
+  dt = {(i, j): sum(dot(cots[name][_rows(i)], c.scaled(w, rows, j), trans_b=True, dtype=cdt)
                     for name, w, rows in products) for i, j in c.lower_pairs}
-  tdt = {(i, b): sum(_dot(c.t[m, i], dt[m, b], trans_a=True) for m in range(i, nb))
+  tdt = {(i, b): sum(dot(c.t[m, i], dt[m, b], trans_a=True) for m in range(i, nb))
          for i, b in c.lower_pairs}  # Tᵀ T̄ on the blocks N̄ needs
   for i, j in c.lower_pairs:
-    dn = -sum(_dot(tdt[i, b], c.t[j, b], trans_b=True) for b in range(j + 1))
+    dn = -sum(dot(tdt[i, b], c.t[j, b], trans_b=True) for b in range(j + 1))
     if i == j:
       dn = jnp.where(c.lower[True], dn, 0.0)
     e = c.e((i, j))
@@ -211,8 +202,8 @@ def _backward_kernel(k_ref, v_ref, q_ref, *refs, nb: int, form: ReadForm):
     add("log_prev", i, b_i * row)
     add("log_g", j, -jnp.sum(b_i[:, None] * z, axis=0))
     dg = dn * b_i[:, None] * e
-    dk[i] = dk[i] + _dot(dg, c.k(j), dtype=cdt)
-    dk[j] = dk[j] + _dot(dg, c.k(i), trans_a=True, dtype=cdt)
+    dk[i] = dk[i] + dot(dg, c.k(j), dtype=cdt)
+    dk[j] = dk[j] + dot(dg, c.k(i), trans_a=True, dtype=cdt)
   for name, weight, rows in products:
     dx = c.apply_t(cot(name))
     for i in range(nb):

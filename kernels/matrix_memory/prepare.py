@@ -187,7 +187,7 @@ def chunk_parts(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta:
   wk = b * jnp.exp(log_prev) + (s if form.anchored else 0.0)
   scalars = ChunkScalars(b, wk, s, log_prev, log_g, log_read, read,
                          jnp.exp(_last(log_g) - log_g))
-  return ChunkCoefficients(None, None, None, None, None, gs, None), scalars
+  return ChunkCoefficients(kw=None, vu=None, qs=None, p=None, kd=None, gs=gs, ka=None), scalars
 
 
 def chunk_tiles(form: ReadForm, inverse: Inverse, k: jax.Array, v: jax.Array, q: jax.Array,

@@ -1,10 +1,11 @@
 """The matrix-memory op as a :class:`nlj.core.Level` runner (``impl="pallas"``).
 
-Stage 1 (the plain-JAX :mod:`nlj_kernels.matrix_memory.prepare`, or with its WY products by
-the Pallas kernels of :mod:`nlj_kernels.matrix_memory.pallas_tiles`) computes every chunk's state-free coefficients in
-parallel; stage 2 (:mod:`nlj_kernels.matrix_memory.recurrence`, Pallas) carries the
-state across chunks. The runner adds what a level's state needs on top: the sequence is shifted
-by the state's ``phase`` and padded to whole chunks with masked no-op tokens, the first chunk
+Stage 1 (the plain-JAX :mod:`nlj_kernels.matrix_memory.prepare`, or its per-token scalars
+with the tiles built by the Pallas kernels of :mod:`nlj_kernels.matrix_memory.pallas_tiles`)
+computes every chunk's state-free coefficients in parallel; stage 2
+(:mod:`nlj_kernels.matrix_memory.recurrence`, Pallas) carries the state across chunks. The
+runner adds what a level's state needs on top: the sequence is shifted by the state's ``phase``
+and padded to whole chunks with masked no-op tokens, the first chunk
 takes its gradients at the carried anchor, and the anchor after the call is the state at the
 last complete chunk boundary.
 """

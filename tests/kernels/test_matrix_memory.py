@@ -17,9 +17,12 @@ from jax.test_util import check_grads
 from nlj.core import Level, MatrixMemory, MLPMemory, Rule, compositions
 from nlj.core.objectives import L2, DotProduct, Huber
 from nlj.core.reference import run_reference
-from nlj_kernels.matrix_memory import OpConfig, matrix_memory, run_level, unsupported_reason
+from nlj.core.triangular import inverse_named
+from nlj_kernels.matrix_memory import (OpConfig, launch_options, matrix_memory, run_level,
+                                       unsupported_reason)
 from nlj_kernels.matrix_memory import pallas_recurrence
-from nlj_kernels.matrix_memory.prepare import prepare
+from nlj_kernels.matrix_memory.pallas_tiles import tiles_pallas
+from nlj_kernels.matrix_memory.prepare import ChunkScalars, ReadForm, chunk_tiles, prepare, to_chunks
 from tests.core.helpers import max_diff, random_inputs, slice_inputs
 
 # (objective, rule, semantics, read): every combination the kernel covers, by family
@@ -260,7 +263,6 @@ def test_kernels_lower_for_tpu(momentum):
 
 
 def test_stage1_default_is_the_pallas_kernels_when_compiled_for_triton():
-  from nlj_kernels.matrix_memory import launch_options  # pylint: disable=import-outside-toplevel
   assert launch_options(interpret=False, backend="triton").stage1 == "pallas"
   assert launch_options(interpret=True, backend="triton").stage1 == "jax"
   assert launch_options(interpret=True, backend="tpu").stage1 == "jax"
@@ -349,10 +351,6 @@ def test_stage1_kernels_equal_plain_jax(chunk, form):
   :func:`chunk_tiles` with a triangular solve, values and every input's gradient, with a
   retention reset (α = 0, as :func:`~nlj_kernels.matrix_memory.prepare.chunk_parts` clamps it)
   inside a chunk."""
-  from nlj.core.triangular import inverse_named  # pylint: disable=import-outside-toplevel
-  from nlj_kernels.matrix_memory.pallas_tiles import tiles_pallas  # pylint: disable=import-outside-toplevel
-  from nlj_kernels.matrix_memory.prepare import (ChunkScalars, ReadForm,  # pylint: disable=import-outside-toplevel
-                                                 chunk_tiles, to_chunks)
   form = ReadForm(*form)
   with jax.enable_x64(True):
     b_, t, h, dk, dv = 2, 2 * chunk, 2, 16, 32

@@ -24,7 +24,7 @@ from nlj.core.dispatch import resolve
 from nlj.core.objectives import L2, Huber
 from nlj.core.reference import run_reference
 from nlj.layers.selfmod import SelfModConfig, SelfModifyingTitans
-from nlj_kernels.mlp_memory import KERNEL, run_level, unsupported_reason
+from nlj_kernels.mlp_memory import KERNEL, launch_options, run_level, unsupported_reason
 from tests.core.helpers import max_diff, random_inputs, slice_inputs
 
 DGD_VARIANTS = ("normalized", "plain", "neurips")
@@ -337,7 +337,6 @@ def test_kernels_lower_to_triton_for_hopper(monkeypatch, rule, read, memory):
 
 
 def test_launch_options_name_bad_backends():
-  from nlj_kernels.mlp_memory import launch_options  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match=r"backend must be one of \('triton', 'tpu'\), got 'cuda'"):
     launch_options(backend="cuda")
   assert launch_options(backend="tpu", interpret=True).backend == "tpu"
