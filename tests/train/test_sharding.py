@@ -4,10 +4,13 @@ import jax
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
-from nlj.models import PRESETS
+from nlj.models import PRESETS, build_model
 from nlj.train import (create_train_state, jit_eval_step, jit_train_step, make_eval_step,
                        make_mesh, make_train_step, param_spec, parse_mesh, shard_batch)
+from nlj.train.sharding import threefry_as_gpu_kernel
+from nlj.train.step import split_model
 
 CONFIG = PRESETS[("gated_deltanet", "tiny")]
 
@@ -82,3 +85,25 @@ def test_batch_not_divisible_by_data_times_fsdp():
   mesh = make_mesh("data:2,fsdp:4")
   with pytest.raises(ValueError, match="batch_size=6 must be divisible by data \\* fsdp = 8"):
     shard_batch(np.zeros((6, 17), np.int32), mesh)
+
+
+def test_threefry_kernel_flag_is_scoped_to_the_block():
+  flag = lambda: jax.config.jax_threefry_gpu_kernel_lowering
+  before = flag()
+  with threefry_as_gpu_kernel():
+    assert flag() is True
+  assert flag() == before
+  with pytest.raises(RuntimeError, match="inside"):
+    with threefry_as_gpu_kernel():
+      raise RuntimeError("inside")
+  assert flag() == before
+
+
+def test_train_state_params_are_the_plain_init():
+  # create_train_state (jitted, sharded, threefry flag set) gives the eager model's parameters,
+  # up to the last bit of fused float math (XLA fuses the jitted init's inverse erf).
+  _, state, _ = create_train_state(CONFIG, optax.sgd(0.1), 3, make_mesh("data:1",
+                                                                        jax.devices()[:1]))
+  _, eager = split_model(build_model(CONFIG, nnx.Rngs(jax.random.key(3))))
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(eager), strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-7)
