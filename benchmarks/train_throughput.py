@@ -1,10 +1,11 @@
 """Training throughput of preset LMs on 1..N devices, same per-device batch (synthetic tokens).
 
     python benchmarks/train_throughput.py --families=hope,transformer --size=small \\
-        --devices=1,2 --per_device_batch=8 --seq_len=512 --dtype=bfloat16 [--remat] --out=DIR
+        --devices=1,2 --per_device_batch=8 --seq_len=512 --dtype=bfloat16 [--remat] \\
+        [--impl=auto] --out=DIR
 
 For each family and device count: a ``data:N`` mesh over the first N devices, the preset's train
-state (AdamW) sharded by :mod:`nlj.train.sharding`, and the jitted train step timed over
+state (AdamW, memory levels run by ``ModelConfig.impl = --impl``) sharded by :mod:`nlj.train.sharding`, and the jitted train step timed over
 ``--steps`` steps after two warm-up steps (one host sync at the end). Reports tokens/s, the
 scaling efficiency against one device, and MFU = ``6 · params · tokens/s`` over N times the
 bf16 matmul rate measured in the same run (attention and memory-update FLOPs beyond ``6N`` are
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nlj.core import IMPLS
 from nlj.models import PRESETS, count_params
 from nlj.train.sharding import create_train_state, jit_train_step, make_mesh, shard_batch
 from nlj.train.step import adamw_cosine, make_train_step
@@ -43,8 +45,8 @@ def matmul_tflops() -> float:
 
 
 def throughput(family: str, size: str, devices: int, per_device_batch: int, seq_len: int,
-               steps: int, dtype: str, remat: bool = False) -> dict:
-  config = dataclasses.replace(PRESETS[(family, size)], dtype=dtype, remat=remat)
+               steps: int, dtype: str, remat: bool = False, impl: str = "auto") -> dict:
+  config = dataclasses.replace(PRESETS[(family, size)], dtype=dtype, remat=remat, impl=impl)
   mesh = make_mesh(f"data:{devices}", jax.devices()[:devices])
   optimizer, schedule = adamw_cosine(1e-3, 10, 1000)
   init_start = time.perf_counter()
@@ -74,7 +76,7 @@ def throughput(family: str, size: str, devices: int, per_device_batch: int, seq_
   return {"family": family, "size": size, "devices": devices, "params": count_params(config),
           "global_batch": batch_size, "seq_len": seq_len, "dtype": dtype,
           "step_ms": 1e3 * seconds, "tokens_per_s": batch_size * seq_len / seconds,
-          "remat": remat, "init_s": init_s, "warmup_s": warmup_s,
+          "remat": remat, "impl": impl, "init_s": init_s, "warmup_s": warmup_s,
           "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
           "loss": float(metrics["loss"])}
 
@@ -90,6 +92,8 @@ def main() -> None:
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--remat", action="store_true",
                       help="recompute each block's forward in the backward pass")
+  parser.add_argument("--impl", default="auto", choices=IMPLS,
+                      help="ModelConfig.impl: how every memory level runs")
   parser.add_argument("--out", default="benchmarks")
   args = parser.parse_args()
   peak = matmul_tflops()
@@ -100,7 +104,7 @@ def main() -> None:
         raise SystemExit(f"--devices asks for {devices} but only {jax.device_count()} exist")
       try:
         row = throughput(family, args.size, devices, args.per_device_batch, args.seq_len,
-                         args.steps, args.dtype, args.remat)
+                         args.steps, args.dtype, args.remat, args.impl)
       except Exception as error:  # recorded (e.g. out of memory): the other rows still run
         row = {"family": family, "size": args.size, "devices": devices, "error": repr(error)[:500]}
       else:
@@ -115,16 +119,16 @@ def main() -> None:
             "bf16_matmul_tflops_per_device": peak, "rows": rows}
   with open(os.path.join(args.out, "train_throughput.json"), "w") as f:
     json.dump(report, f, indent=1)
-  print(f"| family | size | devices | global batch | remat | init s | compile + 2 steps s | "
+  print(f"| family | size | impl | devices | global batch | remat | init s | compile + 2 steps s | "
         f"peak GiB | step ms | tokens/s | scaling | MFU |  "
         f"(bf16 matmul {peak:.0f} TFLOP/s per device)")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     if "error" in r:
-      print(f"| {r['family']} | {r['size']} | {r['devices']} | error: {r['error'][:80]} |")
+      print(f"| {r['family']} | {r['size']} | {args.impl} | {r['devices']} | error: {r['error'][:80]} |")
       continue
     scaling = "-" if r["scaling"] is None else f"{r['scaling']:.2f}"
-    print(f"| {r['family']} | {r['size']} | {r['devices']} | {r['global_batch']} | "
+    print(f"| {r['family']} | {r['size']} | {args.impl} | {r['devices']} | {r['global_batch']} | "
           f"{r['remat']} | {r['init_s']:.0f} | {r['warmup_s']:.0f} | {r['peak_gib']:.1f} | "
           f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {scaling} | {100 * r['mfu']:.1f}% |")
 
