@@ -2,7 +2,8 @@
 
     python benchmarks/kernels_mlp_memory.py --check --bench --out=DIR
 
-``--check``: relative errors ``‖out − ref‖/‖ref‖`` of the Pallas kernel against the token-by-token
+``--check`` (``--cases`` picks levels; ``--check_precision`` the kernel's product precision,
+default ``highest``, the reference's): relative errors ``‖out − ref‖/‖ref‖`` of the Pallas kernel against the token-by-token
 reference (float32, highest matmul precision) for the outputs, the end memory and anchor of four
 levels -- self-modifying Titans' main memory (DGD + momentum, chunk 64, boundary read) and its
 η memory (``d_out = 1``, chunk 16), Titans' deep memory (GD + momentum, hidden 4d, chunk 16) and a
@@ -83,17 +84,20 @@ def make_inputs(level: Level, key, b: int, t: int) -> LevelInputs:
   return LevelInputs(k, v, q, eta, alpha, beta)
 
 
-def check(report: dict) -> None:
+def check(report: dict, cases: list[str], precision: str) -> None:
   rows = []
+  kernel = lambda lv, s, x: run_level(lv, s, x, precision=PRECISIONS[precision])
   with jax.default_matmul_precision("highest"):
     for i, (name, (level, b, t)) in enumerate(CHECK_CASES.items()):
+      if name not in cases:
+        continue
       params = level.init(jax.random.PRNGKey(i))
       inp = make_inputs(level, jax.random.PRNGKey(100 + i), b, t)
       state = level.init_state(params, b)
-      row = {"level": name, "b": b, "t": t, "chunk": level.chunk}
+      row = {"level": name, "b": b, "t": t, "chunk": level.chunk, "precision": precision}
       try:
         want_state, want_y = jax.jit(lambda s, x: run_reference(level, s, x))(state, inp)
-        got_state, got_y = jax.jit(lambda s, x: run_level(level, s, x))(state, inp)
+        got_state, got_y = jax.jit(lambda s, x: kernel(level, s, x))(state, inp)
         row.update(y_rel=rel(got_y, want_y), memory_rel=tree_rel(got_state.memory,
                                                                  want_state.memory),
                    anchor_rel=tree_rel(got_state.anchor, want_state.anchor))
@@ -103,7 +107,7 @@ def check(report: dict) -> None:
             return jnp.sum(y * jnp.cos(y)) + sum(jnp.sum(w ** 2) for w in jax.tree.leaves(s[:3]))
           grad = lambda runner: jax.jit(jax.grad(lambda p, x: loss(runner, p, x), (0, 1)))(
               params, inp)
-          row["grad_rel"] = tree_rel(grad(run_level), grad(run_reference))
+          row["grad_rel"] = tree_rel(grad(kernel), grad(run_reference))
       except Exception as error:  # recorded: the remaining cases still run
         row["error"] = repr(error)[:500]
       rows.append(row)
@@ -162,6 +166,11 @@ def table(report: dict, precisions: list[str]) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--check", action="store_true")
+  parser.add_argument("--cases", default=",".join(CHECK_CASES),
+                      help=f"comma-separated --check levels from {list(CHECK_CASES)}")
+  parser.add_argument("--check_precision", default="highest",
+                      help="the kernel's product precision in --check (the reference runs at "
+                           "highest)")
   parser.add_argument("--bench", action="store_true")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--precisions", default="default",
@@ -170,13 +179,17 @@ def main() -> None:
   parser.add_argument("--out", default="benchmarks")
   args = parser.parse_args()
   precisions = args.precisions.split(",")
-  for p in precisions:
+  for p in precisions + [args.check_precision]:
     if p not in PRECISIONS:
-      parser.error(f"--precisions: {p!r} is not one of {sorted(PRECISIONS)}")
+      parser.error(f"--precisions / --check_precision: {p!r} is not one of {sorted(PRECISIONS)}")
+  cases = args.cases.split(",")
+  for c in cases:
+    if c not in CHECK_CASES:
+      parser.error(f"--cases: {c!r} is not one of {list(CHECK_CASES)}")
   report = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
             "date": time.strftime("%Y-%m-%d"), "num_warps": args.num_warps}
   if args.check:
-    check(report)
+    check(report, cases, args.check_precision)
   if args.bench:
     bench(report, args.repeats, precisions, args.num_warps)
   os.makedirs(args.out, exist_ok=True)
