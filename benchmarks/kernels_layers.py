@@ -63,10 +63,14 @@ def build(module: str, size: str, impl: str, dtype: str) -> tuple[nnx.Module, Mo
 
 
 def named_levels(module: nnx.Module) -> dict[str, Level]:
-  """Every memory level of a mixer or block: the mixer's by name, CMS levels as ``cms{i}``."""
+  """Every memory level that runs in a mixer or block: the mixer's by name (projection memories
+  that run grouped as their group, e.g. ``k+v``), CMS levels as ``cms{i}``."""
   mixer = getattr(module, "mixer", module)
+  groups = {"+".join(names): level for names, level in getattr(mixer, "groups", {}).items()}
+  grouped = {name for key in groups for name in key.split("+")}
+  named = {name: level for name, level in mixer.levels.items() if name not in grouped}
   cms = getattr(getattr(module, "mlp", None), "levels", ())
-  return dict(mixer.levels) | {f"cms{i}": level for i, level in enumerate(cms)}
+  return groups | named | {f"cms{i}": level for i, level in enumerate(cms)}
 
 
 def runner_name(runner: dispatch.Runner) -> str:

@@ -155,6 +155,12 @@ class SelfModifyingTitans(nnx.Module):
     """Every memory's :class:`Level` by name."""
     return dict(self._levels)
 
+  @property
+  def groups(self) -> dict[tuple[str, ...], Level]:
+    """The levels the learning projection memories run as: names -> one level over their heads
+    side by side."""
+    return dict(self._groups)
+
   def init_cache(self, batch: int, max_len: int | None = None) -> SelfModCache:
     levels = {n: self.levels[n].init_state(self.init_params[n].get_value(), batch)
               for n in self._learning}
