@@ -11,7 +11,7 @@ levels -- self-modifying Titans' main memory (DGD + momentum, chunk 64, boundary
 chunk does not divide; and the gradients (params and inputs) of the first and third against
 ``jax.grad`` of the reference.
 
-``--bench``: forward and forward+backward milliseconds (median of ``--repeats``, and the first
+``--bench`` (``--bench_cases`` picks levels): forward and forward+backward milliseconds (median of ``--repeats``, and the first
 call's compile+run seconds) of the kernel (``Level.run(impl="pallas")``) and of the chunked JAX
 form (``impl="chunked"``) of the same level, B×T×H = 8×2048×16, head dim 64, from a chunk
 boundary (``aligned=True``): a self-modifying-Titans-like memory (hidden 128, DGD + momentum)
@@ -115,10 +115,12 @@ def check(report: dict, cases: list[str], precision: str) -> None:
   report["check"] = rows
 
 
-def bench(report: dict, repeats: int, precisions: list[str], num_warps: int) -> None:
+def bench(report: dict, repeats: int, precisions: list[str], num_warps: int,
+          cases: list[str]) -> None:
   b, t = BENCH_SHAPE
   rows = []
-  for name, level in BENCH_CASES.items():
+  for name in cases:
+    level = BENCH_CASES[name]
     params = level.init(jax.random.PRNGKey(0))
     inp = make_inputs(level, jax.random.PRNGKey(1), b, t)
     dy = jax.random.normal(jax.random.PRNGKey(2), inp.v.shape)
@@ -172,6 +174,8 @@ def main() -> None:
                       help="the kernel's product precision in --check (the reference runs at "
                            "highest)")
   parser.add_argument("--bench", action="store_true")
+  parser.add_argument("--bench_cases", default=",".join(BENCH_CASES),
+                      help=f"comma-separated --bench levels from {list(BENCH_CASES)}")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--precisions", default="default",
                       help=f"comma-separated kernel product precisions from {sorted(PRECISIONS)}")
@@ -182,16 +186,18 @@ def main() -> None:
   for p in precisions + [args.check_precision]:
     if p not in PRECISIONS:
       parser.error(f"--precisions / --check_precision: {p!r} is not one of {sorted(PRECISIONS)}")
-  cases = args.cases.split(",")
-  for c in cases:
-    if c not in CHECK_CASES:
-      parser.error(f"--cases: {c!r} is not one of {list(CHECK_CASES)}")
+  cases, bench_cases = args.cases.split(","), args.bench_cases.split(",")
+  for flag, chosen, known in (("--cases", cases, CHECK_CASES),
+                              ("--bench_cases", bench_cases, BENCH_CASES)):
+    for c in chosen:
+      if c not in known:
+        parser.error(f"{flag}: {c!r} is not one of {list(known)}")
   report = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
             "date": time.strftime("%Y-%m-%d"), "num_warps": args.num_warps}
   if args.check:
     check(report, cases, args.check_precision)
   if args.bench:
-    bench(report, args.repeats, precisions, args.num_warps)
+    bench(report, args.repeats, precisions, args.num_warps, bench_cases)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "kernels_mlp_memory.json"), "w") as f:
     json.dump(report, f, indent=1)
