@@ -2,24 +2,25 @@
 
     python benchmarks/kernels_mlp_memory.py --check --bench --out=DIR
 
-``--check`` (``--cases`` picks levels; ``--check_precision`` the kernel's product precision,
-default ``highest``, the reference's): relative errors ``‖out − ref‖/‖ref‖`` of the Pallas kernel against the token-by-token
-reference (float32, highest matmul precision) for the outputs, the end memory and anchor of four
-levels -- self-modifying Titans' main memory (DGD + momentum, chunk 64, boundary read) and its
-η memory (``d_out = 1``, chunk 16), Titans' deep memory (GD + momentum, hidden 4d, chunk 16) and a
-3-layer GELU memory with a skip projection (normalized DGD, before read) -- over lengths the
-chunk does not divide; and the gradients (params and inputs) of the first and third against
-``jax.grad`` of the reference.
+``--check`` (``--cases`` picks levels; ``--check_precision`` the kernel's product precision, default
+``highest``, the reference's): relative errors ``‖out − ref‖/‖ref‖`` of the Pallas kernel against
+the token-by-token reference (float32, highest matmul precision) for the outputs, the end memory and
+anchor of four levels -- self-modifying Titans' main memory (DGD + momentum, chunk 64, boundary
+read) and its η memory (``d_out = 1``, chunk 16), Titans' deep memory (GD + momentum, hidden 4d,
+chunk 16) and a 3-layer GELU memory with a skip projection (normalized DGD, before read) -- over
+lengths the chunk does not divide; and the gradients (params and inputs) of the first and third
+against ``jax.grad`` of the reference.
 
-``--bench`` (``--bench_cases`` picks levels): forward and forward+backward milliseconds (median of ``--repeats``, and the first
-call's compile+run seconds) of the kernel (``Level.run(impl="pallas")``) and of the chunked JAX
-form (``impl="chunked"``) of the same level, B×T×H = 8×2048×16, head dim 64, from a chunk
-boundary (``aligned=True``): a self-modifying-Titans-like memory (hidden 128, DGD + momentum)
-at chunk 16 (before read) and chunk 64 (boundary read), and a Titans-LMM-like memory (hidden
-256, GD + momentum, chunk 16, after read). Products run at JAX's default matmul precision (tf32
-for float32 on a GPU) in both forms; ``--precisions`` adds kernel variants (``highest``: IEEE
-float32, ``tf32x3``: tensor cores at nearly float32 accuracy). A failing variant is recorded,
-not fatal. Prints a table last and writes ``kernels_mlp_memory.json`` under ``--out``.
+``--bench`` (``--bench_cases`` picks levels): forward and forward+backward milliseconds (median of
+``--repeats``, and the first call's compile+run seconds) of the kernel
+(``Level.run(impl="pallas")``) and of the chunked JAX form (``impl="chunked"``) of the same level,
+B×T×H = 8×2048×16, head dim 64, from a chunk boundary (``aligned=True``): a
+self-modifying-Titans-like memory (hidden 128, DGD + momentum) at chunk 16 (before read) and chunk
+64 (boundary read), and a Titans-LMM-like memory (hidden 256, GD + momentum, chunk 16, after read).
+Products run at JAX's default matmul precision (tf32 for float32 on a GPU) in both forms;
+``--precisions`` adds kernel variants (``highest``: IEEE float32, ``tf32x3``: tensor cores at nearly
+float32 accuracy). A failing variant is recorded, not fatal. Prints a table last and writes
+``kernels_mlp_memory.json`` under ``--out``.
 """
 
 from __future__ import annotations

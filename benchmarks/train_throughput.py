@@ -5,14 +5,14 @@
         [--impl=auto] --out=DIR
 
 For each family and device count: a ``data:N`` mesh over the first N devices, the preset's train
-state (AdamW, memory levels run by ``ModelConfig.impl = --impl``) sharded by :mod:`nlj.train.sharding`, and the jitted train step timed over
-``--steps`` steps after two warm-up steps (one host sync at the end). Reports tokens/s, the
-scaling efficiency against one device, and MFU = ``6 · params · tokens/s`` over N times the
-bf16 matmul rate measured in the same run (attention and memory-update FLOPs beyond ``6N`` are
-not counted). ``peak GiB`` is device 0's peak memory since the process started (run one family
-per process to read it per row). A row that fails (e.g. out of memory) is recorded, not fatal.
-Prints a ``progress:`` line after each row's init and warm-up (so a run cut off by a time limit
-shows how far it got), then a table, and writes JSON.
+state (AdamW; memory levels run by ``ModelConfig.impl = --impl``) sharded by
+:mod:`nlj.train.sharding`, and the jitted train step timed over ``--steps`` steps after two warm-up
+steps (one host sync at the end). Reports tokens/s, the scaling efficiency against one device, and
+MFU = ``6 · params · tokens/s`` over N times the bf16 matmul rate measured in the same run
+(attention and memory-update FLOPs beyond ``6N`` are not counted). ``peak GiB`` is device 0's peak
+memory since the process started (run one family per process to read it per row). A row that fails
+(e.g. out of memory) is recorded, not fatal. Prints a ``progress:`` line after each row's init and
+warm-up (so a run cut off by a time limit shows how far it got), then a table, and writes JSON.
 """
 
 from __future__ import annotations
@@ -125,10 +125,12 @@ def main() -> None:
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     if "error" in r:
-      print(f"| {r['family']} | {r['size']} | {args.impl} | {r['devices']} | error: {r['error'][:80]} |")
+      print(f"| {r['family']} | {r['size']} | {args.impl} | {r['devices']} | "
+            f"error: {r['error'][:80]} |")
       continue
     scaling = "-" if r["scaling"] is None else f"{r['scaling']:.2f}"
-    print(f"| {r['family']} | {r['size']} | {args.impl} | {r['devices']} | {r['global_batch']} | "
+    print(f"| {r['family']} | {r['size']} | {args.impl} | {r['devices']} | "
+          f"{r['global_batch']} | "
           f"{r['remat']} | {r['init_s']:.0f} | {r['warmup_s']:.0f} | {r['peak_gib']:.1f} | "
           f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {scaling} | {100 * r['mfu']:.1f}% |")
 
