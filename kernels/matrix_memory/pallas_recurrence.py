@@ -39,22 +39,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from nlj_kernels.backends import compiler_params
+from nlj_kernels.products import dot
 
-__all__ = ["forward", "backward", "dot", "CHUNK_FIELDS", "MOMENTUM_FIELDS"]
+__all__ = ["forward", "backward", "CHUNK_FIELDS", "MOMENTUM_FIELDS"]
 
 CHUNK_FIELDS = ("kw", "vu", "qs", "p", "kd", "gs")
 MOMENTUM_FIELDS = ("qm", "km", "mc", "gm")
-
-
-def dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False,
-        dtype=None) -> jax.Array:
-  """A 2-D product (operands optionally transposed, and cast to ``dtype`` if given) accumulated
-  in at least float32, at JAX's default matmul precision."""
-  if dtype is not None:
-    a, b = a.astype(dtype), b.astype(dtype)
-  dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-  out = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=out)
 
 
 def _specs(n: int, c: int, dk: int, bv: int, momentum: bool, backend: str):

@@ -40,9 +40,9 @@ from jax.experimental import pallas as pl
 from nlj.core.triangular import blocked_inverse
 from nlj_kernels.backends import compiler_params
 from nlj_kernels.matrix_memory.contract import OpConfig
-from nlj_kernels.matrix_memory.pallas_recurrence import dot
 from nlj_kernels.matrix_memory.prepare import (ChunkCoefficients, ChunkScalars, ReadForm,
                                                chunk_inputs, chunk_parts, read_form)
+from nlj_kernels.products import dot
 
 __all__ = ["prepare_pallas", "tiles_pallas", "BLOCK", "TILES"]
 

@@ -29,18 +29,11 @@ import jax.numpy as jnp
 
 from nlj.core.memories import ACTIVATIONS
 from nlj_kernels.mlp_memory.contract import OpConfig
+from nlj_kernels.products import dot
 
-__all__ = ["chunk_update", "dot"]
+__all__ = ["chunk_update"]
 
 Weights = Sequence[jax.Array]  # the layers W_0 .. W_{L-1} [d_out_l, d_in_l], then the skip W_s
-
-
-def dot(a: jax.Array, b: jax.Array, precision: Any, trans_a: bool = False,
-        trans_b: bool = False) -> jax.Array:
-  """``a @ b`` (operands optionally transposed) with an accumulator of at least float32."""
-  dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-  out = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
-  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=out)
 
 
 def _forward(config: OpConfig, weights: Weights, x: jax.Array, precision: Any):
@@ -49,27 +42,27 @@ def _forward(config: OpConfig, weights: Weights, x: jax.Array, precision: Any):
   inputs, pre, h = [], [], x
   for layer in range(config.layers):
     inputs.append(h)
-    z = dot(h, weights[layer], precision, trans_b=True)
+    z = dot(h, weights[layer], trans_b=True, precision=precision)
     pre.append(z)
     h = act(z) if layer < config.layers - 1 else z
   if config.residual == "identity":
     h = h + x
   elif config.residual == "skip":
-    h = h + dot(x, weights[-1], precision, trans_b=True)
+    h = h + dot(x, weights[-1], trans_b=True, precision=precision)
   return h, inputs, pre
 
 
 def _errors(config: OpConfig, anchor: Weights, k: jax.Array, v: jax.Array, precision: Any):
   """Per-token errors ``δ`` of every weight and their inputs at the anchor (L2 objective)."""
   act = ACTIVATIONS[config.activation]
-  y, inputs, pre = _forward(config, anchor, k, precision)
+  y, inputs, pre = _forward(config, anchor, k, precision=precision)
   err = y - v
   deltas, d = [None] * config.layers, err
   for layer in reversed(range(config.layers)):
     deltas[layer] = d
     if layer:
       slope = jax.jvp(act, (pre[layer - 1],), (jnp.ones_like(pre[layer - 1]),))[1]
-      d = dot(d, anchor[layer], precision) * slope
+      d = dot(d, anchor[layer], precision=precision) * slope
   if config.residual == "skip":
     deltas.append(err)
     inputs.append(k)
@@ -93,7 +86,7 @@ def chunk_update(config: OpConfig, memory: Weights, momentum: Weights | None, an
   mom = config.momentum
   f = fields
   k, s = f["k"], f["s"][:, None]
-  deltas, inputs = _errors(config, anchor, k, f["v"], precision)
+  deltas, inputs = _errors(config, anchor, k, f["v"], precision=precision)
   key_input = lambda w: w == 0 or w == config.layers  # W_0 and the skip take the key
   terms = []  # per weight: (inputs, [(read coefficients, end coefficients, errors)])
   for w in range(config.weights):
@@ -101,9 +94,10 @@ def chunk_update(config: OpConfig, memory: Weights, momentum: Weights | None, an
     if not (config.dgd and key_input(w)):
       terms.append((inputs[w], [("r_u", "u_last", u)]))
       continue
-    neg_z = dot(f["kw"], memory[w], precision, trans_b=True) + dot(f["mz"], u, precision)
+    neg_z = (dot(f["kw"], memory[w], trans_b=True, precision=precision)
+             + dot(f["mz"], u, precision=precision))
     if mom:
-      neg_z = neg_z + dot(f["km"], momentum[w], precision, trans_b=True)
+      neg_z = neg_z + dot(f["km"], momentum[w], trans_b=True, precision=precision)
       terms.append((k, [("r_u", "u_last", u), ("r_z", "z_last", -neg_z)]))
     else:
       terms.append((k, [("r_u", "u_last", u - neg_z)]))
@@ -115,24 +109,24 @@ def chunk_update(config: OpConfig, memory: Weights, momentum: Weights | None, an
       new = new + f["m_end"] * momentum[w]
       u = parts[0][2]
       new_momentum.append(f["b_end"] * momentum[w]
-                          + dot(f["b_last"][:, None] * u, a, precision, trans_a=True))
+                          + dot(f["b_last"][:, None] * u, a, trans_a=True, precision=precision))
     writes = sum(f[last][:, None] * err for _, last, err in parts)
-    new_memory.append(new + dot(writes, a, precision, trans_a=True))
+    new_memory.append(new + dot(writes, a, trans_a=True, precision=precision))
 
   if "q" not in f:
     return None, new_memory, new_momentum
   if config.read == "boundary":
-    return _forward(config, anchor, f["q"], precision)[0], new_memory, new_momentum
+    return _forward(config, anchor, f["q"], precision=precision)[0], new_memory, new_momentum
 
   def read(w: int, r: jax.Array) -> jax.Array:
     """``W_t r_t`` (``W_{t-1} r_t`` for ``before``) of weight ``w`` for rows ``r [C, d_in_w]``."""
     a, parts = terms[w]
-    out = f["r_gam"][:, None] * dot(r, memory[w], precision, trans_b=True)
+    out = f["r_gam"][:, None] * dot(r, memory[w], trans_b=True, precision=precision)
     if mom:
-      out = out + f["r_m"][:, None] * dot(r, momentum[w], precision, trans_b=True)
-    gram = dot(r, a, precision, trans_b=True)
+      out = out + f["r_m"][:, None] * dot(r, momentum[w], trans_b=True, precision=precision)
+    gram = dot(r, a, trans_b=True, precision=precision)
     for coeff, _, err in parts:
-      out = out + dot(f[coeff] * gram, err, precision)
+      out = out + dot(f[coeff] * gram, err, precision=precision)
     return out
 
   act = ACTIVATIONS[config.activation]
