@@ -7,7 +7,8 @@
 Modules, built from the ``--size`` preset with ``dtype=--dtype`` and ``impl`` set per row:
 ``selfmod`` -- the self-modifying Titans mixer (family ``self_mod_titans``, five MLP memories:
 ``k``, ``v``, ``eta``, ``alpha`` at ``chunk_others`` and the main ``memory`` at ``chunk``);
-``hope_block`` -- one HOPE block (norm, that mixer, norm, CMS, residuals). Per row: forward and
+``hope_block`` -- one HOPE block (norm, that mixer, norm, CMS, residuals); ``cms`` -- that
+block's Continuum Memory System alone (``cms_chunks`` levels, local signal). Per row: forward and
 forward+backward (``jax.grad`` of ``Σ y · dy`` w.r.t. parameters and input
 ``x [batch, seq, d_model]``) milliseconds (median of ``--repeats`` after the first call), the
 first call's seconds (trace, compile and run), XLA's temporary buffer size, and the relative
@@ -45,32 +46,39 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nlj.core import Level, dispatch
+from nlj.layers.cms import ContinuumMemory
 from nlj.models import PRESETS, Block, ModelConfig
 from nlj.models.registry import get_family
 from timing import timed
 
-MODULES = ("selfmod", "hope_block")
+MODULES = ("selfmod", "hope_block", "cms")
 
 
 def build(module: str, size: str, impl: str, dtype: str) -> tuple[nnx.Module, ModelConfig]:
-  """The ``selfmod`` mixer or a ``hope_block`` (layer 0) of the ``size`` preset, and its config."""
+  """The ``selfmod`` mixer, a ``hope_block`` or its ``cms`` (layer 0) of the ``size`` preset,
+  and its config."""
   family = "self_mod_titans" if module == "selfmod" else "hope"
   config = dataclasses.replace(PRESETS[(family, size)], impl=impl, dtype=dtype)
   rngs = nnx.Rngs(0)
   if module == "selfmod":
     return get_family(family).make_mixer(config, 0, rngs), config
+  if module == "cms":
+    return get_family(family).make_mlp(config, 0, rngs), config
   return Block(config, 0, rngs), config
 
 
 def named_levels(module: nnx.Module) -> dict[str, Level]:
   """Every memory level that runs in a mixer or block: the mixer's by name (projection memories
   that run grouped as their group, e.g. ``k+v``), CMS levels as ``cms{i}``."""
+  cms_module = module if isinstance(module, ContinuumMemory) else getattr(module, "mlp", None)
+  cms = {f"cms{i}": level for i, level in enumerate(getattr(cms_module, "levels", ()))}
+  if isinstance(module, ContinuumMemory):
+    return cms
   mixer = getattr(module, "mixer", module)
   groups = {"+".join(names): level for names, level in getattr(mixer, "groups", {}).items()}
   grouped = {name for key in groups for name in key.split("+")}
   named = {name: level for name, level in mixer.levels.items() if name not in grouped}
-  cms = getattr(getattr(module, "mlp", None), "levels", ())
-  return groups | named | {f"cms{i}": level for i, level in enumerate(cms)}
+  return groups | named | cms
 
 
 def runner_name(runner: dispatch.Runner) -> str:
