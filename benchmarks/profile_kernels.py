@@ -6,7 +6,9 @@ profiler trace (CUPTI) of a few calls.
 ``--what`` names a function of :data:`TARGETS`: the matrix-memory op at Gated DeltaNet or
 Titans-momentum semantics, forward or forward+backward (``--shape=BxTxHxD``, ``--stage1``), or
 ``train_step``, one AdamW step of a preset LM (``--model=FAMILY:SIZE``, ``--shape=BxT``,
-``--dtype``, ``--remat``, ``--layers``). Prints the top
+``--dtype``, ``--remat``, ``--layers``), or ``layer_fwd`` / ``layer_fwdbwd``, a module of
+:mod:`kernels_layers` (``--module``, ``--model=FAMILY:SIZE`` for the size, ``--impl``,
+``--shape=BxT``, ``--dtype``) on random input. Prints the top
 kernels (name, calls, total and mean µs, share of the device time) and writes them as JSON
 beside the raw trace (``DIR/trace``, a Perfetto ``.json.gz`` that ui.perfetto.dev opens).
 """
@@ -26,14 +28,17 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+import kernels_layers
 from kernels_matrix_memory import BENCH_OPS, inputs
 from nlj.models import PRESETS
 from nlj.train.sharding import create_train_state, make_mesh
 from nlj.train.step import adamw_cosine, make_train_step
 from nlj_kernels.matrix_memory import matrix_memory
 
-TARGETS = ("gdn_fwd", "gdn_fwdbwd", "titans_fwd", "titans_fwdbwd", "train_step")
+TARGETS = ("gdn_fwd", "gdn_fwdbwd", "titans_fwd", "titans_fwdbwd", "train_step", "layer_fwd",
+           "layer_fwdbwd")
 
 
 def build(what: str, shape: tuple[int, int, int, int], **launch):
@@ -64,6 +69,21 @@ def build_train_step(model: str, shape: tuple[int, int], dtype: str, remat: bool
   batch = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab, (shape[0], shape[1] + 1),
                                                         dtype=np.int32))
   return jax.jit(lambda s: step(s, batch)[0]), state
+
+
+def build_layer(what: str, module: str, model: str, impl: str, shape: tuple[int, int],
+                dtype: str):
+  """A jitted forward (``layer_fwd``) or gradient w.r.t. parameters and input (``layer_fwdbwd``)
+  of :func:`kernels_layers.build`'s ``module`` at size ``model``'s, on random ``x [B, T, d]``."""
+  layer, config = kernels_layers.build(module, model.split(":")[1], impl, dtype)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  x = jax.random.normal(jax.random.PRNGKey(1), shape + (config.d_model,), jnp.dtype(dtype))
+
+  def fwd(inp):
+    return nnx.merge(graphdef, inp[0], rest)(inp[1])[0]
+  if what == "layer_fwdbwd":
+    return jax.jit(jax.grad(lambda inp: jnp.sum(fwd(inp).astype(jnp.float32)))), (params, x)
+  return jax.jit(fwd), (params, x)
 
 
 def device_kernels(trace_dir: str) -> list[dict]:
@@ -98,6 +118,9 @@ def main() -> None:
   parser.add_argument("--dtype", default="bfloat16", help="train_step: compute dtype")
   parser.add_argument("--remat", action="store_true", help="train_step: ModelConfig.remat")
   parser.add_argument("--layers", type=int, default=None, help="train_step: override layers")
+  parser.add_argument("--module", default="selfmod", choices=kernels_layers.MODULES,
+                      help="layer_*: the module")
+  parser.add_argument("--impl", default="chunked", help="layer_*: ModelConfig.impl")
   parser.add_argument("--calls", type=int, default=5)
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--out", default="/tmp/profile_kernels")
@@ -106,6 +129,8 @@ def main() -> None:
   shape = tuple(map(int, args.shape.split("x")))
   if args.what == "train_step":
     f, inp = build_train_step(args.model, shape, args.dtype, args.remat, args.layers)
+  elif args.what.startswith("layer"):
+    f, inp = build_layer(args.what, args.module, args.model, args.impl, shape, args.dtype)
   else:
     f, inp = build(args.what, shape, **launch)
   jax.block_until_ready(f(inp))  # compile outside the trace
