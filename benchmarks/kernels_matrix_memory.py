@@ -164,6 +164,7 @@ VARIANTS = {  # label: (op, launch options) of our kernel in --bench
     "pallas_gdn_bv32": ("gdn", {"block_v": 32}),
     "pallas_gdn_bv64_w8": ("gdn", {"num_warps": 8}),
     "pallas_gdn_bv128_w8": ("gdn", {"block_v": 128, "num_warps": 8}),
+    "pallas_gdn_tiles16": ("gdn", {"tiles_backward": (16, 4)}),
     "pallas_titans_momentum": ("titans", {}),
 }
 PEERS = ("chunked", "jla")
@@ -181,7 +182,8 @@ def stage1_only(config: OpConfig, inp: LevelInputs, **launch):
   def fwd(i):
     args = (i.k, i.v, i.q, i.eta, i.alpha, i.beta, mask)
     if options.stage1 == "pallas":
-      return prepare_pallas(config, *args, num_warps=options.num_warps,
+      return prepare_pallas(config, *args, forward=options.tiles_forward,
+                            backward=options.tiles_backward,
                             interpret=options.interpret, backend=options.backend)
     return prepare(config, *args, inverse=options.inverse)
 

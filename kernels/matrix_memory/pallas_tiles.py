@@ -1,4 +1,4 @@
-"""Stage 1's tiles as Pallas kernels, forward and backward, in 16-row blocks.
+"""Stage 1's tiles as Pallas kernels, forward and backward, in row blocks of 16 or more.
 
 Per chunk without momentum (one program each, grid ``(batch, heads, chunks)``, keys, values and
 queries read straight from the ``[B, T, H, ·]`` inputs) the kernels compute
@@ -9,10 +9,13 @@ queries read straight from the ``[B, T, H, ·]`` inputs) the kernels compute
     Kw = T (wk ⊙ K) ;  Vu = T (s ⊙ V) ;  Ka = T (s ⊙ K)            (Ka for anchored writes)
     Qs = read ⊙ Q ;  Kd = decay ⊙ K ;  P = Γ ⊙ Q Kᵀ, Γ_ti = exp(lr_t - lg_i) on i <= t (i < t)
 
-``T`` is built in ``16 × 16`` blocks: each diagonal block ``D_i = (I + N_ii)⁻¹`` by the exact
-nilpotent series (:func:`nlj.core.triangular.blocked_inverse`), the others by block forward
-substitution ``T_ij = -D_i Σ_{j<=m<i} N_im T_mj``; every product is a small matrix-unit tile and
-nothing of size ``C × C`` is live at once. The backward kernel recomputes ``T`` and applies
+``T`` is built in ``b × b`` blocks (``b`` = :attr:`TileShape.block`, a multiple of 16 dividing
+``C``): each diagonal block ``D_i = (I + N_ii)⁻¹`` by the exact nilpotent series
+(:func:`nlj.core.triangular.blocked_inverse`), the others by block forward substitution
+``T_ij = -D_i Σ_{j<=m<i} N_im T_mj``; every product is a small matrix-unit tile and nothing of
+size ``C × C`` is live at once. The forward and backward kernels take their own block and warp
+counts (:data:`FORWARD`, :data:`BACKWARD`: the fastest measured on an H100 at chunk 64, head
+dim 128; BENCHMARKS.md). The backward kernel recomputes ``T`` and applies
 hand-derived rules (``X̄`` is the cotangent of ``X``)::
 
     x̄ = Tᵀ Ȳ for each Y = T x ;  T̄ = Σ Ȳ xᵀ (lower blocks) ;  N̄ = -Tᵀ T̄ Tᵀ (strictly lower)
@@ -31,7 +34,7 @@ the recurrence kernels do.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,19 +47,31 @@ from nlj_kernels.matrix_memory.prepare import (ChunkCoefficients, ChunkScalars, 
                                                chunk_inputs, chunk_parts, read_form)
 from nlj_kernels.products import dot
 
-__all__ = ["prepare_pallas", "tiles_pallas", "BLOCK", "TILES"]
+__all__ = ["prepare_pallas", "tiles_pallas", "fit_shapes", "TileShape", "FORWARD", "BACKWARD",
+           "TILES"]
 
-BLOCK = 16
 TILES = ("kw", "vu", "qs", "p", "kd", "ka")  # outputs in this order (ka for anchored writes)
 
 
-def _rows(i: int) -> pl.Slice:
-  return pl.ds(i * BLOCK, BLOCK)
+class TileShape(NamedTuple):
+  """How one tiles kernel runs: rows per block (a multiple of 16) and Triton warps."""
+
+  block: int
+  num_warps: int
+
+
+FORWARD = TileShape(16, 4)
+BACKWARD = TileShape(32, 8)
+
+
+def _rows(i: int, block: int) -> pl.Slice:
+  return pl.ds(i * block, block)
 
 
 def _store_blocks(ref, blocks: list[jax.Array]) -> None:
+  block = ref.shape[0] // len(blocks)
   for i, x in enumerate(blocks):
-    ref[_rows(i)] = x.astype(ref.dtype)
+    ref[_rows(i, block)] = x.astype(ref.dtype)
 
 
 class _Chunk:
@@ -64,12 +79,14 @@ class _Chunk:
   that little stays live in registers), ``N`` and ``T`` (lower blocks ``[i, j]``, ``j <= i``).
   """
 
-  def __init__(self, k_ref, v_ref, q_ref, scalar_refs, nb: int, form: ReadForm):
-    self.refs, self.nb, self.cdt, self.form = (k_ref, v_ref, q_ref), nb, k_ref.dtype, form
+  def __init__(self, k_ref, v_ref, q_ref, scalar_refs, block: int, form: ReadForm):
+    self.refs, self.cdt, self.form = (k_ref, v_ref, q_ref), k_ref.dtype, form
+    self.block, self.nb = block, k_ref.shape[0] // block
+    nb = self.nb
     self.scalar_refs = dict(zip(ChunkScalars._fields, scalar_refs))
     self.wide = jnp.promote_types(scalar_refs[0].dtype, jnp.float32)
-    rows = jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0)
-    cols = jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1)
+    rows = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
     self.lower = {True: rows > cols, False: rows >= cols}  # diagonal blocks, by strictness
     self.lower_pairs = [(i, j) for i in range(nb) for j in range(i + 1)]
     self.n = {ij: self.sc("b", ij[0])[:, None] * self.e(ij) * self.gram(ij)
@@ -82,18 +99,21 @@ class _Chunk:
         acc = sum(jnp.dot(self.n[i, m], self.t[m, j]) for m in range(j, i))
         self.t[i, j] = -jnp.dot(d, acc)
 
+  def rows(self, i: int) -> pl.Slice:
+    return _rows(i, self.block)
+
   def k(self, i: int) -> jax.Array:
-    return self.refs[0][_rows(i)]
+    return self.refs[0][self.rows(i)]
 
   def v(self, i: int) -> jax.Array:
-    return self.refs[1][_rows(i)]
+    return self.refs[1][self.rows(i)]
 
   def q(self, i: int) -> jax.Array:
-    return self.refs[2][_rows(i)]
+    return self.refs[2][self.rows(i)]
 
   def sc(self, name: str, i: int) -> jax.Array:
     """Block ``i`` of the per-token scalar ``name`` (a :class:`ChunkScalars` field)."""
-    return self.scalar_refs[name][_rows(i)].astype(self.wide)
+    return self.scalar_refs[name][self.rows(i)].astype(self.wide)
 
   def ratios(self, log_rows: str, ij: tuple[int, int], strict: bool) -> jax.Array:
     """Block ``[i, j]`` of ``exp(log_rows_t - log_g_u)`` on ``u <= t`` (``u < t``), else 0."""
@@ -136,35 +156,36 @@ class _Chunk:
                 for i in range(j, self.nb)) for j in range(self.nb)]
 
 
-def _forward_kernel(k_ref, v_ref, q_ref, *refs, nb: int, form: ReadForm):
+def _forward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
   n_sc = len(ChunkScalars._fields)
   scalar_refs, out = refs[:n_sc], dict(zip(TILES, refs[n_sc:]))
-  c = _Chunk(k_ref, v_ref, q_ref, scalar_refs, nb, form)
+  c = _Chunk(k_ref, v_ref, q_ref, scalar_refs, block, form)
+  nb, _rows = c.nb, c.rows
   for i in range(nb):  # the reads first: queries are not needed after them
     out["qs"][_rows(i)] = (c.sc("read", i)[:, None] * c.q(i).astype(c.wide)).astype(
         out["qs"].dtype)
     out["kd"][_rows(i)] = c.scaled("decay", c.k, i).astype(out["kd"].dtype)
     for j in range(nb):
       if j > i or form.reads_anchor:
-        block = jnp.zeros((BLOCK, BLOCK), c.wide)
+        tile = jnp.zeros((block, block), c.wide)
       else:
-        block = c.gamma((i, j)) * dot(c.q(i), c.k(j), trans_b=True)
-      out["p"][_rows(i), _rows(j)] = block.astype(out["p"].dtype)
+        tile = c.gamma((i, j)) * dot(c.q(i), c.k(j), trans_b=True)
+      out["p"][_rows(i), _rows(j)] = tile.astype(out["p"].dtype)
   for name, weight, rows in c.products():
     _store_blocks(out[name], c.apply(lambda j, w=weight, r=rows: c.scaled(w, r, j)))
 
 
-def _backward_kernel(k_ref, v_ref, q_ref, *refs, nb: int, form: ReadForm):
+def _backward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
   n_sc = len(ChunkScalars._fields)
   scalar_refs, refs = refs[:n_sc], refs[n_sc:]
   n_cot = len(TILES) if form.anchored else len(TILES) - 1
   cots = dict(zip(TILES, refs[:n_cot]))
   (dk_ref, dv_ref, dq_ref), dsc_refs = refs[n_cot:n_cot + 3], refs[n_cot + 3:]
-  c = _Chunk(k_ref, v_ref, q_ref, scalar_refs, nb, form)
-  cdt, wide = c.cdt, c.wide
+  c = _Chunk(k_ref, v_ref, q_ref, scalar_refs, block, form)
+  cdt, wide, nb, _rows = c.cdt, c.wide, c.nb, c.rows
   cot = lambda name: lambda i: cots[name][_rows(i)]
   rowdot = lambda a, b: jnp.sum(a.astype(wide) * b.astype(wide), axis=1)
-  grads = {name: [jnp.zeros((BLOCK,), wide)] * nb for name in ChunkScalars._fields}
+  grads = {name: [jnp.zeros((block,), wide)] * nb for name in ChunkScalars._fields}
 
   def add(name: str, i: int, x: jax.Array) -> None:
     grads[name][i] = grads[name][i] + x
@@ -229,55 +250,78 @@ def _widths(form: ReadForm, size: int, dk: int, dv: int) -> tuple[int, ...]:
   return (dk, dv, dk, size, dk) + ((dk,) if form.anchored else ())
 
 
-_STATIC = ("size", "form", "num_warps", "interpret", "backend")
+_STATIC = ("size", "form", "shape", "interpret", "backend")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _forward(k, v, q, scalars, *, size, form, num_warps, interpret, backend):
+def _forward(k, v, q, scalars, *, size, form, shape, interpret, backend):
   batch, t, heads, dk = k.shape
   dv, n = v.shape[-1], t // size
   keys, vals, scalar, tile = _specs(size, dk, dv)
   widths = _widths(form, size, dk, dv)
   out_shape = [jax.ShapeDtypeStruct((batch, heads, n, size, w), k.dtype) for w in widths]
-  kernel = functools.partial(_forward_kernel, nb=size // BLOCK, form=form)
+  kernel = functools.partial(_forward_kernel, block=shape.block, form=form)
   return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch, heads, n),
                         in_specs=[keys, vals, keys] + [scalar] * len(scalars),
                         out_specs=[tile(w) for w in widths],
-                        compiler_params=compiler_params(backend, num_warps),
+                        compiler_params=compiler_params(backend, shape.num_warps),
                         interpret=interpret, name="matrix_memory_tiles_fwd")(k, v, q, *scalars)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _backward(k, v, q, scalars, cotangents, *, size, form, num_warps, interpret, backend):
+def _backward(k, v, q, scalars, cotangents, *, size, form, shape, interpret, backend):
   batch, t, heads, dk = k.shape
   dv, n = v.shape[-1], t // size
   keys, vals, scalar, tile = _specs(size, dk, dv)
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, q)]
   out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in scalars]
-  kernel = functools.partial(_backward_kernel, nb=size // BLOCK, form=form)
+  kernel = functools.partial(_backward_kernel, block=shape.block, form=form)
   tiles = [tile(w) for w in _widths(form, size, dk, dv)]
   return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch, heads, n),
                         in_specs=[keys, vals, keys] + [scalar] * len(scalars) + tiles,
                         out_specs=[keys, vals, keys] + [scalar] * len(scalars),
-                        compiler_params=compiler_params(backend, num_warps),
+                        compiler_params=compiler_params(backend, shape.num_warps),
                         interpret=interpret, name="matrix_memory_tiles_bwd")(
                             k, v, q, *scalars, *cotangents)
 
 
+def fit_shapes(size: int, forward: TileShape | None = None, backward: TileShape | None = None
+               ) -> tuple[TileShape, TileShape]:
+  """The tiles kernels' shapes for chunk ``size``: a given shape is checked (its block a
+  multiple of 16 dividing ``size``, warps a power of two), a default (:data:`FORWARD`,
+  :data:`BACKWARD`) takes the largest multiple of 16 up to its block that divides ``size``."""
+  if size % 16:
+    raise ValueError(f"the stage-1 kernels need chunk % 16 == 0, got chunk={size}")
+  out = []
+  for name, given, default in (("forward", forward, FORWARD), ("backward", backward, BACKWARD)):
+    if given is None:
+      block = max(b for b in range(16, min(default.block, size) + 1, 16) if size % b == 0)
+      out.append(default._replace(block=block))
+      continue
+    given = TileShape(*given)
+    if given.block % 16 or size % given.block or given.block < 16:
+      raise ValueError(f"tiles {name} block={given.block} must be a multiple of 16 dividing the "
+                       f"chunk {size}")
+    if given.num_warps < 1 or given.num_warps & (given.num_warps - 1):
+      raise ValueError(f"tiles {name} num_warps={given.num_warps} must be a power of two")
+    out.append(given)
+  return out[0], out[1]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _tiles(size, form, num_warps, interpret, backend, k, v, q, scalars):
-  return tuple(_forward(k, v, q, scalars, size=size, form=form, num_warps=num_warps,
+def _tiles(size, form, shapes, interpret, backend, k, v, q, scalars):
+  return tuple(_forward(k, v, q, scalars, size=size, form=form, shape=shapes[0],
                         interpret=interpret, backend=backend))
 
 
-def _tiles_fwd(size, form, num_warps, interpret, backend, k, v, q, scalars):
-  return _tiles(size, form, num_warps, interpret, backend, k, v, q, scalars), (k, v, q, scalars)
+def _tiles_fwd(size, form, shapes, interpret, backend, k, v, q, scalars):
+  return _tiles(size, form, shapes, interpret, backend, k, v, q, scalars), (k, v, q, scalars)
 
 
-def _tiles_bwd(size, form, num_warps, interpret, backend, residuals, cotangents):
+def _tiles_bwd(size, form, shapes, interpret, backend, residuals, cotangents):
   k, v, q, scalars = residuals
   dk, dv, dq, *dscalars = _backward(k, v, q, scalars, tuple(cotangents), size=size, form=form,
-                                    num_warps=num_warps, interpret=interpret, backend=backend)
+                                    shape=shapes[1], interpret=interpret, backend=backend)
   return dk, dv, dq, ChunkScalars(*dscalars)
 
 
@@ -285,8 +329,9 @@ _tiles.defvjp(_tiles_fwd, _tiles_bwd)
 
 
 def tiles_pallas(form: ReadForm, k: jax.Array, v: jax.Array, q: jax.Array,
-                 scalars: ChunkScalars, size: int, *, num_warps: int = 4,
-                 interpret: bool = False, backend: str = "triton") -> dict[str, jax.Array | None]:
+                 scalars: ChunkScalars, size: int, *, forward: TileShape | None = None,
+                 backward: TileShape | None = None, interpret: bool = False,
+                 backend: str = "triton") -> dict[str, jax.Array | None]:
   """Every chunk's tiles (:func:`~nlj_kernels.matrix_memory.prepare.chunk_tiles`;
   differentiable).
 
@@ -296,21 +341,24 @@ def tiles_pallas(form: ReadForm, k: jax.Array, v: jax.Array, q: jax.Array,
     scalars: :class:`~nlj_kernels.matrix_memory.prepare.ChunkScalars` of ``[B, H, N, C]``
       arrays (float32, or float64 in tests).
     size: the chunk ``C``, a multiple of 16.
+    forward, backward: the kernels' :class:`TileShape` (None: :func:`fit_shapes`' default).
 
   Returns:
     ``{name: [B, H, N, C, ·]}`` for :data:`TILES` in k's dtype (``ka`` None unless
     ``form.anchored``).
   """
-  if size % BLOCK or k.shape[1] % size:
-    raise ValueError(f"the stage-1 kernels need chunk % {BLOCK} == 0 and T % chunk == 0, got "
-                     f"chunk={size}, T={k.shape[1]}")
-  out = _tiles(size, form, num_warps, interpret, backend, k, v, q.astype(k.dtype),
+  shapes = fit_shapes(size, forward, backward)
+  if k.shape[1] % size:
+    raise ValueError(f"the stage-1 kernels need T % chunk == 0, got chunk={size}, "
+                     f"T={k.shape[1]}")
+  out = _tiles(size, form, shapes, interpret, backend, k, v, q.astype(k.dtype),
                ChunkScalars(*scalars))
   return dict(zip(TILES, out + (None,) * (len(TILES) - len(out))))
 
 
 def prepare_pallas(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta: jax.Array,
-                   alpha: jax.Array, beta: jax.Array, mask: jax.Array, *, num_warps: int = 4,
+                   alpha: jax.Array, beta: jax.Array, mask: jax.Array, *,
+                   forward: TileShape | None = None, backward: TileShape | None = None,
                    interpret: bool = False, backend: str = "triton") -> ChunkCoefficients:
   """Stage-1 coefficients of every chunk with the tiles by the kernels (differentiable).
 
@@ -318,6 +366,7 @@ def prepare_pallas(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, e
     config: the op.
     k, q: ``[B, T, H, d_k]``; v: ``[B, T, H, d_v]`` (``T % chunk == 0``; pad first);
       eta, alpha, beta, mask: ``[B, T, H]``.
+    forward, backward: the tiles kernels' :class:`TileShape` (None: :func:`fit_shapes`').
 
   Returns:
     :class:`ChunkCoefficients` with leading ``[B, H, N]`` axes: tiles in k's dtype, scalars in
@@ -328,6 +377,6 @@ def prepare_pallas(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, e
   coeffs, scalars = jax.vmap(jax.vmap(jax.vmap(functools.partial(chunk_parts, config))))(*args)
   if scalars is None:
     return coeffs
-  tiles = tiles_pallas(read_form(config), k, v, q, scalars, config.chunk, num_warps=num_warps,
-                       interpret=interpret, backend=backend)
+  tiles = tiles_pallas(read_form(config), k, v, q, scalars, config.chunk, forward=forward,
+                       backward=backward, interpret=interpret, backend=backend)
   return coeffs._replace(**tiles)

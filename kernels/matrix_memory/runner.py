@@ -23,7 +23,7 @@ from nlj_kernels.backends import resolve_backend
 from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.contract import OpConfig, op_config
 from nlj.core.triangular import inverse_named
-from nlj_kernels.matrix_memory.pallas_tiles import prepare_pallas
+from nlj_kernels.matrix_memory.pallas_tiles import TileShape, prepare_pallas
 from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, prepare
 from nlj_kernels.matrix_memory.recurrence import chunk_recurrence
 
@@ -39,6 +39,8 @@ class Launch(NamedTuple):
   backend: str
   stage1: str
   inverse: str
+  tiles_forward: TileShape | None
+  tiles_backward: TileShape | None
 
 
 STAGE1 = ("pallas", "jax")
@@ -46,12 +48,14 @@ STAGE1 = ("pallas", "jax")
 
 def launch_options(block_v: int | None = None, num_warps: int = 4,
                    interpret: bool | None = None, backend: str | None = None,
-                   stage1: str | None = None, inverse: str = "solve") -> Launch:
+                   stage1: str | None = None, inverse: str = "solve",
+                   tiles_forward: tuple[int, int] | None = None,
+                   tiles_backward: tuple[int, int] | None = None) -> Launch:
   """Launch options with defaults for the running platform.
 
   Args:
     block_v: ``d_v`` columns per program (default ``min(d_v, 64)``).
-    num_warps: Triton warps per program.
+    num_warps: Triton warps per program of the recurrence kernels.
     interpret: run the kernels in interpret mode; default: unless JAX runs on the device the
       backend compiles for.
     backend: ``"triton"`` or ``"tpu"``; default ``"tpu"`` on a TPU, else ``"triton"``.
@@ -60,6 +64,9 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
       ``"jax"`` (:mod:`.prepare`; the default in interpret mode and on TPU).
     inverse: the plain-JAX stage 1's triangular inverse, ``"solve"`` or ``"blocked"``
       (:mod:`nlj.core.triangular`; the Pallas kernels invert 16-row blocks themselves).
+    tiles_forward, tiles_backward: ``(block, num_warps)`` of the Pallas stage 1's forward and
+      backward kernels (:class:`.pallas_tiles.TileShape`; None: the measured defaults fitted to
+      the chunk, :func:`.pallas_tiles.fit_shapes`).
   """
   backend, interpret = resolve_backend(backend, interpret)
   stage1 = stage1 or ("pallas" if backend == "triton" and not interpret else "jax")
@@ -67,7 +74,8 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
     raise ValueError(f"stage1 must be one of {STAGE1} ('pallas' with backend='triton' only), "
                      f"got stage1={stage1!r} with backend={backend!r}")
   inverse_named(inverse)  # a bad name fails here, before any tracing
-  return Launch(block_v, num_warps, interpret, backend, stage1, inverse)
+  tiles = [None if x is None else TileShape(*x) for x in (tiles_forward, tiles_backward)]
+  return Launch(block_v, num_warps, interpret, backend, stage1, inverse, *tiles)
 
 
 def _block_v(d_v: int, block_v: int | None) -> int:
@@ -146,8 +154,9 @@ def _run(config: OpConfig, k, v, q, eta, alpha, beta, s0, anchor0, m0, phase, al
   padded = (pad(k), pad(v), pad(q_in), pad(eta), pad(alpha, 1.0), pad(beta, 1.0),
             pad(jnp.ones(k.shape[:3], eta.dtype)))
   if launch.stage1 == "pallas":
-    coeffs = prepare_pallas(config, *padded, num_warps=launch.num_warps,
-                            interpret=launch.interpret, backend=launch.backend)
+    coeffs = prepare_pallas(config, *padded, forward=launch.tiles_forward,
+                            backward=launch.tiles_backward, interpret=launch.interpret,
+                            backend=launch.backend)
   else:
     coeffs = prepare(config, *padded, inverse=launch.inverse)
   f32 = jnp.promote_types(s0.dtype, jnp.float32)
@@ -181,7 +190,7 @@ def matrix_memory(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array | N
     eta, alpha, beta: ``[B, T, H]``.
     s0: initial state ``S = Wᵀ [B, H, d_k, d_v]``; m0: momentum (with ``config.momentum``).
     **launch: :func:`launch_options` (``block_v``, ``num_warps``, ``interpret``, ``backend``,
-      ``stage1``).
+      ``stage1``, ``inverse``, ``tiles_forward``, ``tiles_backward``).
 
   Returns:
     ``(y [B, T, H, d_v] in v's dtype or None, s [B, H, d_k, d_v] float32, m or None)``.

@@ -21,7 +21,8 @@ from nlj.core.triangular import inverse_named
 from nlj_kernels.matrix_memory import (OpConfig, launch_options, matrix_memory, run_level,
                                        unsupported_reason)
 from nlj_kernels.matrix_memory import pallas_recurrence
-from nlj_kernels.matrix_memory.pallas_tiles import tiles_pallas
+from nlj_kernels.matrix_memory.pallas_tiles import (TileShape, fit_shapes,
+                                                     tiles_pallas)
 from nlj_kernels.matrix_memory.prepare import ChunkScalars, ReadForm, chunk_tiles, prepare, to_chunks
 from tests.core.helpers import max_diff, random_inputs, slice_inputs
 
@@ -343,14 +344,15 @@ def test_static_phase_equals_reference(seq):
     assert_states_close(got_state, want_state, 1e-10)
 
 
-@pytest.mark.parametrize("chunk,form", [(32, (False, False, False)), (64, (True, True, False)),
-                                        (128, (False, False, False)),
-                                        (32, (True, True, True)), (48, (False, False, False))])
-def test_stage1_kernels_equal_plain_jax(chunk, form):
-  """The tiles of the Pallas stage 1 (16-row blocks, hand-derived backward) against
-  :func:`chunk_tiles` with a triangular solve, values and every input's gradient, with a
-  retention reset (α = 0, as :func:`~nlj_kernels.matrix_memory.prepare.chunk_parts` clamps it)
-  inside a chunk."""
+@pytest.mark.parametrize("chunk,form,shapes", [
+    (32, (False, False, False), None), (64, (True, True, False), None),
+    (128, (False, False, False), None), (32, (True, True, True), None),
+    (48, (False, False, False), None), (64, (True, True, False), ((64, 4), (16, 2)))])
+def test_stage1_kernels_equal_plain_jax(chunk, form, shapes):
+  """The tiles of the Pallas stage 1 (row blocks of the default or given sizes, hand-derived
+  backward) against :func:`chunk_tiles` with a triangular solve, values and every input's
+  gradient, with a retention reset (α = 0, as
+  :func:`~nlj_kernels.matrix_memory.prepare.chunk_parts` clamps it) inside a chunk."""
   form = ReadForm(*form)
   with jax.enable_x64(True):
     b_, t, h, dk, dv = 2, 2 * chunk, 2, 16, 32
@@ -375,7 +377,9 @@ def test_stage1_kernels_equal_plain_jax(chunk, form):
                                              ChunkScalars(*s))
     reference = lambda k, v, q, s: jax.vmap(jax.vmap(jax.vmap(one)))(
         to_chunks(k, chunk), to_chunks(v, chunk), to_chunks(q, chunk), *s)
-    kernel = lambda k, v, q, s: tiles_pallas(form, k, v, q, s, chunk, interpret=True)
+    forward, backward = shapes or (None, None)
+    kernel = lambda k, v, q, s: tiles_pallas(form, k, v, q, s, chunk, forward=forward,
+                                             backward=backward, interpret=True)
     want, got = reference(k, v, q, scalars), kernel(k, v, q, scalars)
     assert (got["ka"] is None) == (not form.anchored)
     assert max_diff(got, want) < 1e-12
@@ -384,3 +388,20 @@ def test_stage1_kernels_equal_plain_jax(chunk, form):
     loss = lambda f: lambda *a: sum(jnp.sum(f(*a)[n] * w) for n, w in weights.items())
     grads = lambda f: jax.grad(loss(f), (0, 1, 2, 3))(k, v, q, scalars)
     assert max_diff(grads(kernel), grads(reference)) < 1e-11
+
+
+def test_stage1_tile_shapes():
+  """Defaults fit the chunk (the largest multiple of 16 up to the measured block that divides
+  it); given shapes that do not fit raise, naming the kernel and the rule."""
+  assert fit_shapes(64) == (TileShape(16, 4), TileShape(32, 8))
+  assert fit_shapes(48) == (TileShape(16, 4), TileShape(16, 8))
+  assert fit_shapes(16) == (TileShape(16, 4), TileShape(16, 8))
+  assert fit_shapes(64, (64, 2)) == (TileShape(64, 2), TileShape(32, 8))
+  with pytest.raises(ValueError, match="backward block=32 must be a multiple of 16 dividing"):
+    fit_shapes(48, None, (32, 4))
+  with pytest.raises(ValueError, match="forward block=24"):
+    fit_shapes(48, (24, 4))
+  with pytest.raises(ValueError, match="forward num_warps=3 must be a power of two"):
+    fit_shapes(64, (16, 3))
+  with pytest.raises(ValueError, match="chunk % 16 == 0"):
+    fit_shapes(40)
