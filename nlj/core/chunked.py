@@ -67,13 +67,6 @@ def _weighted_grad(level: Level, anchor: Any, k: jax.Array, v: jax.Array,
   return vjp(weights[:, None].astype(dldy.dtype) * dldy)[0]
 
 
-def _suffix_products(x: jax.Array) -> jax.Array:
-  """``Π_{t < j < C} x_j`` for every ``t`` (``x [C]``), as products (exact derivatives where a
-  factor is 0, a reset)."""
-  after = jnp.concatenate([x[1:], jnp.ones((1,), x.dtype)])
-  return jnp.cumprod(after[::-1])[::-1]
-
-
 def reads_end_state_only(level: Level, has_q: bool) -> bool:
   """Whether a ``boundary`` chunk needs only its end state (no per-token states): the read is
   at the anchor (or there is none) and the update is linear in the gradients (GD, or DGD on a
@@ -84,13 +77,31 @@ def reads_end_state_only(level: Level, has_q: bool) -> bool:
   return (not has_q or level.read == "boundary") and linear and not rule.orthogonalize
 
 
+@jax.custom_jvp
 def _span_products(x: jax.Array) -> jax.Array:
   """``R[p, l] = Π_{p <= j < l} x_j`` for ``0 <= p, l <= C`` (``x [C]``; 1 where ``l <= p``),
-  as masked cumulative products (exact derivatives where a factor is 0, a reset)."""
+  as masked cumulative products.
+
+  Its derivative is the exact product rule, ``Ṙ[p, l] = Σ_{p <= j < l} R[p, j] ẋ_j R[j + 1, l]``
+  (one ``(C + 1) × C × (C + 1)`` product, also where a factor is 0, a reset), rather than
+  autodiff through the cumulative product, whose transpose XLA builds from dozens of small
+  pads and fuses badly on a GPU.
+  """
   size = x.shape[0]
   factors = jnp.where(jnp.arange(size)[None, :] >= jnp.arange(size + 1)[:, None], x[None, :], 1)
   ones = jnp.ones((size + 1, 1), x.dtype)
   return jnp.concatenate([ones, jnp.cumprod(factors, axis=1)], axis=1)
+
+
+@_span_products.defjvp
+def _span_products_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  r = _span_products(x)
+  size = x.shape[0]
+  j, pos = jnp.arange(size), jnp.arange(size + 1)
+  before = jnp.where(pos[:, None] <= j[None, :], r[:, :size], 0)  # R[p, j], p <= j
+  after = jnp.where(pos[None, :] > j[:, None], r[1:, :], 0)  # R[j + 1, l], l > j
+  return r, jnp.matmul(before * dx[None, :], after, precision=jax.lax.Precision.HIGHEST)
 
 
 def _write_weights(ra: jax.Array, rb: jax.Array, mask: jax.Array) -> jax.Array:
@@ -148,6 +159,15 @@ def _key_decay(level: Level, memory, momentum, anchor, k, v, c, s, ra, weights, 
   return jax.tree.unflatten(tree, out)
 
 
+def _scaled(scalar: jax.Array, tree: Any) -> Any:
+  """``scalar * tree`` with the scalar behind an optimisation barrier. In the backward its
+  cotangent, a reduction over whole weights, then stays its own fusion: XLA otherwise fuses it
+  into the small coefficient matrices' cotangents, a GPU kernel of a few hundred thread blocks
+  that took 15% of the self-modifying Titans layer's backward (BENCHMARKS.md)."""
+  scalar = jax.lax.optimization_barrier(scalar)
+  return jax.tree.map(lambda w: scalar * w, tree)
+
+
 def chunk_boundary_end(level: Level, memory, momentum, anchor, k, v, q, eta, alpha, beta, mask):
   """:func:`chunk_boundary` for levels where :func:`reads_end_state_only` holds, in memory
   independent of the chunk length (same arguments and results).
@@ -170,15 +190,15 @@ def chunk_boundary_end(level: Level, memory, momentum, anchor, k, v, q, eta, alp
   rb = _span_products(sg(beta) if rule.momentum else jnp.zeros_like(beta))
   weights = _write_weights(ra, rb, mask)
   into_w = _weighted_grad(level, sg(anchor), sg(k), sg(v), -sg(s) * weights[1:, size])
-  new_memory = jax.tree.map(lambda w, g: ra[0, size] * w + g, memory, into_w)
+  new_memory = jax.tree.map(jnp.add, _scaled(ra[0, size], memory), into_w)
   if rule.step == "dgd":
     decay = _key_decay(level, memory, momentum, anchor, k, v, c, s, ra, weights, sg)
     new_memory = jax.tree.map(jnp.add, new_memory, decay)
   if rule.momentum:
-    e = _suffix_products(beta)
+    e = _span_products(beta)[1:, size]  # Π_{t < j < C} β_j
     into_m = _weighted_grad(level, anchor, k, v, -s * e)
-    new_memory = jax.tree.map(lambda w, m: w + weights[0, size] * sg(m), new_memory, momentum)
-    momentum = jax.tree.map(lambda m, g: e[0] * beta[0] * m + g, momentum, into_m)
+    new_memory = jax.tree.map(jnp.add, new_memory, _scaled(weights[0, size], sg(momentum)))
+    momentum = jax.tree.map(jnp.add, _scaled(e[0] * beta[0], momentum), into_m)
   return new_memory, momentum, _read(level, memory, None, anchor, q)
 
 

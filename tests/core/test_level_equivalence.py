@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 from nlj.core import (DotProduct, Huber, L2, Level, Lp, MatrixMemory, MLPMemory, Rule)
 from nlj.core import chunked
@@ -164,3 +165,22 @@ def test_static_phase_runs_only_the_chunks_it_fills():
     s_ref, y_ref = level.run(state, inputs, impl="reference")
     s_chk, y_chk = level.run(state._replace(phase=0), inputs, impl="chunked")
     assert max_diff(y_ref, y_chk) < 1e-10 and max_diff(s_ref, s_chk) < 1e-10
+
+
+def test_span_products_derivative_is_the_exact_product_rule():
+  """``_span_products``' own derivative (forward and reverse, second order) matches finite
+  differences and autodiff of the masked cumulative product, also at a factor 0 (a reset)."""
+  with jax.enable_x64(True):
+    x = jax.random.uniform(jax.random.PRNGKey(0), (7,), jnp.float64).at[3].set(0.0)
+    check_grads(chunked._span_products, (x,), order=2, modes=("fwd", "rev"))
+    size = x.shape[0]
+
+    def plain(x):
+      factors = jnp.where(jnp.arange(size)[None, :] >= jnp.arange(size + 1)[:, None],
+                          x[None, :], 1)
+      return jnp.concatenate([jnp.ones((size + 1, 1), x.dtype), jnp.cumprod(factors, axis=1)], 1)
+    ct = jax.random.normal(jax.random.PRNGKey(1), (size + 1, size + 1), jnp.float64)
+    want = jax.vjp(plain, x)[1](ct)[0]
+    got = jax.vjp(chunked._span_products, x)[1](ct)[0]
+    assert max_diff(got, want) < 1e-14
+    assert max_diff(chunked._span_products(x), plain(x)) == 0.0
