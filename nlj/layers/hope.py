@@ -7,24 +7,28 @@
 
 Family knobs come from ``ModelConfig.options`` (Table 6 ablations are one option away):
 
-======================  =========  =======================================================
-option                  default    meaning
-======================  =========  =======================================================
-``adaptive_q``          False      q from a memory instead of ``x W_q`` (§8 item 1)
-``adaptive_k/v``        True       False: "w/o inner-projection k / v" (static projections)
-``dgd``                 True       False: "w/o DGD" (plain GD inner rule)
-``momentum``            True       False: "w/o Momentum"
-``weight_decay``        True       False: "w/o weight decay" (α = 1)
-``memory_read``         boundary   main-memory read: ``boundary`` (eq. 90), ``before``, ``after``
-``eta_scale``           1e-3       inner step ``η = softplus(M_η(x)) · eta_scale`` (PAPER.md §3.6)
-``memory_hidden_mult``  2.0        hidden width of the six memory MLPs / head_dim
-``cms``                 True       False: "w/o CMS" (a SwiGLU MLP instead)
-``cms_lr``              1e-3       in-context learning rate of every CMS level
-``cms_variant``         sequential ``sequential``, ``nested`` or ``independent``
-``cms_signal``          local      ``local`` or ``ntp`` (see :mod:`nlj.layers.cms`)
-``cms_hidden_mult``     4/levels   hidden width of each CMS level / d_model: the levels share
-                                   the parameter budget of the ``4 d`` MLP they replace
-======================  =========  =======================================================
+===========================  ========== ==========================================================
+option                       default    meaning
+===========================  ========== ==========================================================
+``adaptive_q``               False      q from a memory instead of ``x W_q`` (§8 item 1)
+``adaptive_k/v``             True       False: "w/o inner-projection k / v" (static projections)
+``dgd``                      True       False: "w/o DGD" (plain GD inner rule)
+``momentum``                 True       False: "w/o Momentum"
+``weight_decay``             True       False: "w/o weight decay" (α = 1)
+``memory_read``              boundary   main-memory read: ``boundary`` (eq. 90), ``before``,
+                                        ``after``
+``eta_scale``                1e-3       inner step ``η = softplus(M_η(x)) · eta_scale``
+                                        (PAPER.md §3.6)
+``memory_hidden_mult``       2.0        hidden width of the six memory MLPs / head_dim
+``projection_checkpoint``    chunk      ``sub_chunk``: faster backward, more memory
+                                        (:mod:`nlj.layers.selfmod`)
+``cms``                      True       False: "w/o CMS" (a SwiGLU MLP instead)
+``cms_lr``                   1e-3       in-context learning rate of every CMS level
+``cms_variant``              sequential ``sequential``, ``nested`` or ``independent``
+``cms_signal``               local      ``local`` or ``ntp`` (see :mod:`nlj.layers.cms`)
+``cms_hidden_mult``          4/levels   hidden width of each CMS level / d_model: the levels
+                                        share the parameter budget of the ``4 d`` MLP they replace
+===========================  ========== ==========================================================
 
 Chunk sizes come from ``ModelConfig.chunk`` (``C_memory``), ``chunk_others`` and ``cms_chunks``.
 """
@@ -48,7 +52,7 @@ _SELFMOD_OPTIONS = {"adaptive_q": "adaptive_q", "adaptive_k": "adaptive_k",
                     "adaptive_v": "adaptive_v", "dgd": "dgd", "momentum": "momentum",
                     "weight_decay": "weight_decay", "memory_read": "memory_read",
                     "eta_scale": "eta_scale", "memory_hidden_mult": "hidden_mult",
-                    "beta": "beta"}
+                    "beta": "beta", "projection_checkpoint": "projection_checkpoint"}
 _CMS_OPTIONS = ("cms", "cms_lr", "cms_variant", "cms_signal", "cms_hidden_mult")
 
 

@@ -12,12 +12,16 @@ input and generate their own targets (eqs. 83-85, 90):
 Chunk-wise semantics (eq. 90 with the causal reading of PAPER.md §8 item 2): every read, target
 and gradient of a token uses the memory state at the previous boundary of that memory's chunk,
 ``chunk_memory`` tokens for ``M_memory`` and ``chunk_other`` tokens for the others (two
-frequencies; ``chunk_other`` divides ``chunk_memory``). The main memory is the outer level of a
-nested scan (:func:`nlj.core.run_nested`), the projection memories scan inside its chunks; there
-the learning projection memories of one output width (``k``, ``v``, ``q``; ``η``, ``α``) run as
-one level with their heads side by side, so a sub-chunk reads and steps each group once (the
-cache keeps them by name). They are read only at their boundary, so each sub-chunk computes
-only their end state (:func:`nlj.core.chunked.chunk_boundary_end`).
+frequencies; ``chunk_other`` divides ``chunk_memory``). The projection memories never read the
+main memory, so a call runs them first, over every sub-chunk (a scan over the main memory's
+chunks, each checkpointed, of scans over their sub-chunks); there the learning
+projection memories of one output width (``k``, ``v``, ``q``; ``η``, ``α``) run as one level with
+their heads side by side, so a sub-chunk reads and steps each group once (the cache keeps them
+by name). They are read only at their boundary, so each sub-chunk computes only their end state
+(:func:`nlj.core.chunked.chunk_boundary_end`). The main memory then runs as the outer level of
+:func:`nlj.core.run_nested` on their outputs, reading its own targets at each chunk's boundary
+state. (Nesting the projection scan inside the main memory's chunks gives the same values; run
+one after the other, XLA copies fewer loop buffers.)
 
 The main memory is read at its chunk boundary by default (eq. 90 literally, DESIGN.md §4);
 ``memory_read="before"`` reads ``M_{t-1}`` (eq. 94) and ``"after"`` reads ``M_t``, both with the
@@ -30,6 +34,10 @@ i.e. a static projection), ``dgd`` (False: plain GD), ``momentum``, ``weight_dec
 through the targets ``v̂``, so stopping their gradient would leave ``M_v`` and its conv without
 any outer gradient). The DGD decay ``(α I - η k kᵀ)`` applies to each
 memory's input-side weight (§8 item 6) with ``c = s = η`` as printed in eq. 88.
+
+Speed/memory, same values: ``projection_checkpoint`` (``"chunk"``, default: the backward keeps
+the projection memories' states once per ``chunk_memory`` chunk; ``"sub_chunk"``: once per
+sub-chunk, 2.4× the layer's backward temporaries and 1.3-1.8× faster on an H100, BENCHMARKS.md).
 
 Streaming: the cache holds every memory's :class:`nlj.core.LevelState`, the conv tails and the
 position inside the current ``chunk_memory`` chunk (static, so a call splits into a token-level
@@ -48,7 +56,9 @@ from flax import nnx
 from nlj.core import L2, Level, LevelInputs, LevelState, MLPMemory, Rule, run_nested
 from nlj.layers.common import GatedRMSNorm, ShortConv, dense, l2_normalize
 
-__all__ = ["SelfModConfig", "SelfModCache", "SelfModifyingTitans"]
+__all__ = ["SelfModConfig", "SelfModCache", "SelfModifyingTitans", "CHECKPOINTS"]
+
+CHECKPOINTS = ("chunk", "sub_chunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +82,7 @@ class SelfModConfig:
   eta_scale: float = 1e-3
   stop_grad_targets: bool = False
   memory_read: str = "boundary"
+  projection_checkpoint: str = "chunk"
   impl: str = "auto"
 
   def __post_init__(self):
@@ -86,6 +97,9 @@ class SelfModConfig:
     if self.memory_read not in ("boundary", "before", "after"):
       raise ValueError("SelfModConfig.memory_read must be 'boundary', 'before' or 'after', "
                        f"got {self.memory_read!r}")
+    if self.projection_checkpoint not in CHECKPOINTS:
+      raise ValueError(f"SelfModConfig.projection_checkpoint must be one of {CHECKPOINTS}, "
+                       f"got {self.projection_checkpoint!r}")
     if self.eta_scale <= 0:
       raise ValueError(f"SelfModConfig.eta_scale must be > 0, got {self.eta_scale}")
 
@@ -112,8 +126,8 @@ class SelfModifyingTitans(nnx.Module):
     c = self.config = config
     dh, hidden = c.head_dim, max(1, int(round(c.hidden_mult * c.head_dim)))
     rule = Rule("dgd" if c.dgd else "gd", momentum=c.momentum, dgd_variant="plain")
-    # The projection memories step one sub-chunk at a time inside the main memory's chunk,
-    # whose body run_nested already checkpoints: a checkpoint of their own would only recompute.
+    # The projection memories step one sub-chunk at a time in scans checkpointed per main-memory
+    # chunk (SelfModifyingTitans._chunks): a checkpoint of their own would only recompute.
     make = lambda d_out, chunk, read="boundary", remat=False: Level(
         MLPMemory(dh, d_out, hidden, 2, c.activation), L2(), rule, chunk, "boundary", read,
         c.heads, beta=c.beta, remat=remat)
@@ -274,38 +288,50 @@ class SelfModifyingTitans(nnx.Module):
     return SelfModCache(levels, conv, cache.phase), jnp.swapaxes(o, 0, 1)
 
   def _chunks(self, cache: SelfModCache, x: jax.Array):
-    """Whole ``chunk_memory`` chunks: the main memory as the outer level of a nested scan."""
+    """Whole ``chunk_memory`` chunks in two passes. The projection memories never read the main
+    memory, so they first run over every ``chunk_other`` sub-chunk, checkpointed per
+    ``chunk_memory`` chunk (the backward keeps one carry per chunk) or, with
+    ``projection_checkpoint="sub_chunk"``, per sub-chunk in one flat scan (one carry per
+    sub-chunk: more memory, fewer loop-buffer copies on a GPU); the main memory then runs as
+    the outer level of :func:`nlj.core.run_nested`, whose inner step reads its targets
+    ``v̂ = M_memory(v)`` at the chunk's frozen boundary state."""
     c = self.config
     if x.shape[1] == 0:
       return cache, jnp.zeros(x.shape[:2] + (c.heads, c.head_dim))
+    b, t, _ = x.shape
     per = c.chunk_memory // c.chunk_other
 
-    def inner(memory, carry, x_chunk):
-      b = x_chunk.shape[0]
-      sub = jnp.swapaxes(x_chunk.reshape(b, per, c.chunk_other, -1), 0, 1)
+    def sub_step(carry, xs):
+      groups, conv = carry
+      conv, k, v, q, eta, alpha, targets = self._project(groups, conv, xs)
+      new = {}
+      for names, level in self._groups:
+        tile = lambda z: None if z is None else jnp.concatenate([z] * len(names), axis=2)
+        inputs = LevelInputs(tile(k), jnp.concatenate([targets[n] for n in names], axis=2),
+                             None, tile(eta), tile(alpha))
+        new[names] = level.step(groups[names], inputs, impl=c.impl)[0]
+      return (new, conv), (q, k, v, eta, alpha)
 
-      def sub_step(carry, xs):
-        groups, conv = carry
-        both = dict(groups, memory=_frozen(memory))
-        conv, k, _, q, eta, alpha, targets = self._project(both, conv, xs)
-        new = {}
-        for names, level in self._groups:
-          tile = lambda z: None if z is None else jnp.concatenate([z] * len(names), axis=2)
-          inputs = LevelInputs(tile(k), jnp.concatenate([targets[n] for n in names], axis=2),
-                               None, tile(eta), tile(alpha))
-          new[names] = level.step(groups[names], inputs, impl=c.impl)[0]
-        return (new, conv), (q, k, targets["memory"], eta, alpha)
+    carry = (self._grouped(cache.levels), cache.conv)
+    if c.projection_checkpoint == "sub_chunk":
+      sub = jnp.swapaxes(x.reshape(b, t // c.chunk_other, c.chunk_other, -1), 0, 1)
+      (groups, conv), projected = jax.lax.scan(jax.checkpoint(sub_step), carry, sub)
+      projected = jax.tree.map(lambda z: z.reshape((-1, per) + z.shape[1:]), projected)
+    else:
+      chunk_step = jax.checkpoint(lambda carry, xs: jax.lax.scan(sub_step, carry, xs))
+      sub = x.reshape(b, t // c.chunk_memory, per, c.chunk_other, -1).transpose(1, 2, 0, 3, 4)
+      (groups, conv), projected = jax.lax.scan(chunk_step, carry, sub)
+    merge = lambda z: None if z is None else jnp.moveaxis(z, 2, 0).reshape((b, t) + z.shape[4:])
+    q, k, v, eta, alpha = (merge(z) for z in projected)
+    sg = jax.lax.stop_gradient if c.stop_grad_targets else (lambda z: z)
 
-      carry, (q, k, v_hat, eta, alpha) = jax.lax.scan(sub_step, carry, sub)
-      merge = lambda z: jnp.swapaxes(z, 0, 1).reshape((b, c.chunk_memory) + z.shape[3:])
-      q, k, v_hat, eta = merge(q), merge(k), merge(v_hat), merge(eta)
-      alpha = None if alpha is None else merge(alpha)
+    def inner(memory, carry, chunk):
+      q, k, v, eta, alpha = chunk
+      v_hat = sg(self._read(self.levels["memory"], memory, v))
       return carry, None, LevelInputs(k, v_hat, q, eta, alpha)
 
-    levels = cache.levels
-    inner_state = (self._grouped(levels), cache.conv)
-    (memory_state, (groups, conv)), (_, o) = run_nested(
-        self.levels["memory"], levels["memory"], inner, inner_state, x, impl=c.impl)
+    (memory_state, _), (_, o) = run_nested(self.levels["memory"], cache.levels["memory"],
+                                           inner, (), (q, k, v, eta, alpha), impl=c.impl)
     return SelfModCache(dict(self._ungrouped(groups), memory=memory_state), conv, cache.phase), o
 
   def __call__(self, x: jax.Array, cache: SelfModCache | None = None,
@@ -328,12 +354,3 @@ class SelfModifyingTitans(nnx.Module):
     new_cache = SelfModCache(cache.levels, cache.conv, (cache.phase + t) % c.chunk_memory)
     return self._output(o, x), new_cache
 
-
-def _frozen(memory: Any):
-  """A LevelState-like view whose anchor is ``memory`` (the outer level's frozen state)."""
-  return _Anchor(memory)
-
-
-class _Anchor:
-  def __init__(self, anchor: Any):
-    self.anchor = anchor

@@ -29,7 +29,9 @@ def _x(seed=0, batch=B, seq=T):
 @pytest.mark.parametrize("changes", [
     {}, {"memory_read": "before"}, {"memory_read": "after", "adaptive_q": True},
     {"adaptive_k": False, "weight_decay": False}, {"dgd": False, "momentum": False},
-], ids=["default", "before", "after_adaptive_q", "static_k_no_decay", "gd_no_momentum"])
+    {"projection_checkpoint": "sub_chunk", "stop_grad_targets": True},
+], ids=["default", "before", "after_adaptive_q", "static_k_no_decay", "gd_no_momentum",
+        "sub_chunk_checkpoint_stop_grad_targets"])
 def test_chunked_equals_token_reference(changes):
   with jax.enable_x64(True):
     m = _module(**changes)
@@ -52,8 +54,9 @@ def _param_grads(m, x, cotangent, reference):
   return jax.grad(loss)(params)
 
 
-@pytest.mark.parametrize("changes", [{}, {"memory_read": "after", "momentum": False}],
-                         ids=["default", "after_no_momentum"])
+@pytest.mark.parametrize("changes", [{}, {"memory_read": "after", "momentum": False},
+                                     {"projection_checkpoint": "sub_chunk"}],
+                         ids=["default", "after_no_momentum", "sub_chunk_checkpoint"])
 def test_chunked_gradients_equal_token_reference(changes):
   """Every parameter gradient of the chunked path equals the reference's in float64 (the
   projections, convs included, compute in the parameters' precision, not a float32 cast whose
@@ -137,6 +140,7 @@ def test_table6_switches_change_what_learns():
     ({"heads": 3}, "heads"), ({"chunk_other": 3}, "chunk_other"),
     ({"memory_read": "late"}, "memory_read"), ({"eta_scale": 0.0}, "eta_scale"),
     ({"chunk_memory": 0}, "chunk_memory"),
+    ({"projection_checkpoint": "token"}, "projection_checkpoint"),
 ])
 def test_bad_config_names_the_field(changes, field):
   with pytest.raises(ValueError, match=f"SelfModConfig.{field}"):
