@@ -301,8 +301,16 @@ class SelfModifyingTitans(nnx.Module):
     b, t, _ = x.shape
     per = c.chunk_memory // c.chunk_other
 
+    start = self._grouped(cache.levels)
+    # At a sub-chunk boundary each projection memory's anchor is its memory, so the scans carry
+    # one copy (XLA copies a loop carry that holds the same array twice, at every step).
+    at_boundary = lambda weights: {names: LevelState(m, mom, m, start[names].phase)
+                                   for names, (m, mom) in weights.items()}
+    weights_of = lambda groups: {names: (st.memory, st.momentum) for names, st in groups.items()}
+
     def sub_step(carry, xs):
-      groups, conv = carry
+      weights, conv = carry
+      groups = at_boundary(weights)
       conv, k, v, q, eta, alpha, targets = self._project(groups, conv, xs)
       new = {}
       for names, level in self._groups:
@@ -310,17 +318,17 @@ class SelfModifyingTitans(nnx.Module):
         inputs = LevelInputs(tile(k), jnp.concatenate([targets[n] for n in names], axis=2),
                              None, tile(eta), tile(alpha))
         new[names] = level.step(groups[names], inputs, impl=c.impl)[0]
-      return (new, conv), (q, k, v, eta, alpha)
+      return (weights_of(new), conv), (q, k, v, eta, alpha)
 
-    carry = (self._grouped(cache.levels), cache.conv)
+    carry = (weights_of(start), cache.conv)
     if c.projection_checkpoint == "sub_chunk":
       sub = jnp.swapaxes(x.reshape(b, t // c.chunk_other, c.chunk_other, -1), 0, 1)
-      (groups, conv), projected = jax.lax.scan(jax.checkpoint(sub_step), carry, sub)
+      (weights, conv), projected = jax.lax.scan(jax.checkpoint(sub_step), carry, sub)
       projected = jax.tree.map(lambda z: z.reshape((-1, per) + z.shape[1:]), projected)
     else:
       chunk_step = jax.checkpoint(lambda carry, xs: jax.lax.scan(sub_step, carry, xs))
       sub = x.reshape(b, t // c.chunk_memory, per, c.chunk_other, -1).transpose(1, 2, 0, 3, 4)
-      (groups, conv), projected = jax.lax.scan(chunk_step, carry, sub)
+      (weights, conv), projected = jax.lax.scan(chunk_step, carry, sub)
     merge = lambda z: None if z is None else jnp.moveaxis(z, 2, 0).reshape((b, t) + z.shape[4:])
     q, k, v, eta, alpha = (merge(z) for z in projected)
     sg = jax.lax.stop_gradient if c.stop_grad_targets else (lambda z: z)
@@ -332,7 +340,8 @@ class SelfModifyingTitans(nnx.Module):
 
     (memory_state, _), (_, o) = run_nested(self.levels["memory"], cache.levels["memory"],
                                            inner, (), (q, k, v, eta, alpha), impl=c.impl)
-    return SelfModCache(dict(self._ungrouped(groups), memory=memory_state), conv, cache.phase), o
+    groups = self._ungrouped(at_boundary(weights))
+    return SelfModCache(dict(groups, memory=memory_state), conv, cache.phase), o
 
   def __call__(self, x: jax.Array, cache: SelfModCache | None = None,
                reference: bool = False) -> tuple[jax.Array, SelfModCache]:
