@@ -20,8 +20,7 @@ their heads side by side, so a sub-chunk reads and steps each group once (the ca
 by name). They are read only at their boundary, so each sub-chunk computes only their end state
 (:func:`nlj.core.chunked.chunk_boundary_end`). The main memory then runs as the outer level of
 :func:`nlj.core.run_nested` on their outputs, reading its own targets at each chunk's boundary
-state. (Nesting the projection scan inside the main memory's chunks gives the same values; run
-one after the other, XLA copies fewer loop buffers.)
+state (the same values as nesting the projection scans inside the main memory's chunks).
 
 The main memory is read at its chunk boundary by default (eq. 90 literally, DESIGN.md §4);
 ``memory_read="before"`` reads ``M_{t-1}`` (eq. 94) and ``"after"`` reads ``M_t``, both with the
@@ -37,7 +36,9 @@ memory's input-side weight (§8 item 6) with ``c = s = η`` as printed in eq. 88
 
 Speed/memory, same values: ``projection_checkpoint`` (``"chunk"``, default: the backward keeps
 the projection memories' states once per ``chunk_memory`` chunk; ``"sub_chunk"``: once per
-sub-chunk, 2.4× the layer's backward temporaries and 1.3-1.8× faster on an H100, BENCHMARKS.md).
+sub-chunk: 2.4× the layer's backward temporaries; its forward+backward measured 1.45-1.85×
+faster on an H100 than the nested form before it, while the default has not been timed on a GPU
+yet, BENCHMARKS.md).
 
 Streaming: the cache holds every memory's :class:`nlj.core.LevelState`, the conv tails and the
 position inside the current ``chunk_memory`` chunk (static, so a call splits into a token-level
