@@ -32,7 +32,7 @@ from nlj.core.objectives import L2, DotProduct
 from nlj.core.reference import run_reference
 from nlj_kernels.matrix_memory import OpConfig, matrix_memory, run_level
 from nlj_kernels.matrix_memory import pallas_recurrence
-from nlj_kernels.matrix_memory.pallas_tiles import prepare_pallas
+from nlj_kernels.matrix_memory.pallas_stage1 import prepare_pallas
 from nlj_kernels.matrix_memory.prepare import prepare
 from nlj_kernels.matrix_memory.runner import launch_options
 from timing import timed
@@ -166,6 +166,10 @@ VARIANTS = {  # label: (op, launch options) of our kernel in --bench
     "pallas_gdn_bv128_w8": ("gdn", {"block_v": 128, "num_warps": 8}),
     "pallas_gdn_tiles16": ("gdn", {"tiles_backward": (16, 4)}),
     "pallas_titans_momentum": ("titans", {}),
+    "pallas_titans_stage1_jax": ("titans", {"stage1": "jax"}),
+    "pallas_titans_w8": ("titans", {"num_warps": 8}),
+    "pallas_titans_bv32": ("titans", {"block_v": 32}),
+    "pallas_titans_bv128_w8": ("titans", {"block_v": 128, "num_warps": 8}),
 }
 PEERS = ("chunked", "jla")
 BENCH_OPS = {"gdn": OpConfig(64, "exact", "l2", "after", grad_at_retained=True),

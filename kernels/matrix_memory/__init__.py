@@ -5,11 +5,13 @@ DeltaNet, Titans' linear memory with momentum, DGD matrix memories).
   reference and the chunked JAX form are :func:`nlj.core.reference.run_reference` and
   :func:`nlj.core.chunked.run_chunked` of the same :class:`nlj.core.Level`;
 * stage 1 -- :mod:`.prepare`: state-free per-chunk coefficients (JAX, all chunks in parallel);
-  without momentum, :mod:`.pallas_tiles` builds the tiles from :mod:`.prepare`'s per-token
-  scalars in Pallas kernels (forward and backward; the default for compiled Triton kernels);
-* stage 2 -- :mod:`.pallas_recurrence`: the recurrence over chunks, forward and backward Pallas
-  kernels (Triton on GPU, Mosaic on TPU, ``interpret=True`` on CPU), joined by the custom VJP in
-  :mod:`.recurrence`;
+  :mod:`.pallas_stage1` builds the tiles from :mod:`.prepare`'s per-token scalars in Pallas
+  kernels instead (forward and backward; the default for compiled Triton kernels): the WY
+  products of :mod:`.pallas_tiles` without momentum, :mod:`.pallas_tiles_momentum` with it;
+* stage 2 -- :mod:`.pallas_recurrence`: the recurrence over chunks, a forward Pallas kernel and
+  a backward in two (a sequential pass for the state cotangents, a chunk-parallel pass for the
+  gradients; Triton on GPU, Mosaic on TPU, ``interpret=True`` on CPU), joined by the custom VJP
+  in :mod:`.recurrence`;
 * :mod:`.runner` -- the level runner registered as kernel ``"matrix_memory"``, and
   :func:`matrix_memory`, the op on raw arrays (bfloat16 inputs allowed);
 * ``benchmarks/kernels_matrix_memory.py`` -- timings against the chunked JAX form and the peers.

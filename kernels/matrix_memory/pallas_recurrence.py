@@ -6,26 +6,27 @@ products per chunk (see :mod:`nlj_kernels.matrix_memory.prepare` for the equatio
 
     U = Vu - Kw S ;  y = Qs S + Qm M + P U ;  S' = gs S + mc M + Kdᵀ U ;  M' = gm M + Kmᵀ U
 
-The backward kernel walks the chunks in reverse from the states the forward stored at each chunk
-start, carrying ``dS`` and ``dM``::
+The backward runs in two launches. Pass 1 (sequential, the forward's grid) walks the chunks in
+reverse carrying only ``dS`` and ``dM``, and saves them (the cotangents of each chunk's end
+state) with ``dU``::
 
     dU = Pᵀ dy + Kd dS' + Km dM'
     dS = Qsᵀ dy + gs dS' - Kwᵀ dU ;  dM = Qmᵀ dy + mc dS' + gm dM'
-    dVu = dU ; dKw = -dU Sᵀ ; dQs = dy Sᵀ ; dQm = dy Mᵀ ; dP = dy Uᵀ ; dKd = U dS'ᵀ ; dKm = U dM'ᵀ
 
-    dgs = ⟨S, dS'⟩ ; dmc = ⟨M, dS'⟩ ; dgm = ⟨M, dM'⟩
+Pass 2 (one program per chunk, all in parallel, whole ``d_v`` per program walked in ``BV``
+columns) takes the forward's chunk-start states ``S, M`` and pass 1's ``dS', dM', dU``::
 
-Gradients with a ``d_k`` or ``C`` column (``dKw, dQs, dKd, dQm, dKm, dP``) and the scalars'
-(contractions over the program's ``[d_k, BV]`` state block) are partial sums over the program's
-``d_v`` block, summed by the caller.
+    dVu = dU ; dKw = -dU Sᵀ ; dQs = dy Sᵀ ; dQm = dy Mᵀ ; dP = dy Uᵀ ; dKd = U dS'ᵀ ;
+    dKm = U dM'ᵀ ;  dgs = ⟨S, dS'⟩ ; dmc = ⟨M, dS'⟩ ; dgm = ⟨M, dM'⟩
+
+so the sequential pass does 4 (6 with momentum) products a chunk and the parallel pass the rest,
+with no partial sums over ``d_v`` blocks.
 
 The same kernel bodies are compiled through Triton on GPU (``backend="triton"``) or Mosaic on TPU
-(``backend="tpu"``: per-chunk scalars in SMEM; the forward's grid axes are parallel, the
-backward's sequential, since its per-chunk scalar gradients are whole SMEM arrays that every
-program writes into); ``interpret=True`` runs
-either on any device (CPU in CI). Products follow ``jax_default_matmul_precision`` as XLA's do
-(tf32 for float32 operands on a GPU by default; ``jax.default_matmul_precision("highest")``
-gives full float32).
+(``backend="tpu"``: per-chunk scalars in SMEM; pass 2 takes all of ``d_v`` at once);
+``interpret=True`` runs either on any device (CPU in CI). Products follow
+``jax_default_matmul_precision`` as XLA's do (tf32 for float32 operands on a GPU by default;
+``jax.default_matmul_precision("highest")`` gives full float32).
 """
 
 from __future__ import annotations
@@ -71,20 +72,6 @@ def _scalar_reader():
   ids are not available inside loop bodies in interpret mode)."""
   b, h = pl.program_id(0), pl.program_id(1)
   return lambda ref, c: ref[b, h, c] if len(ref.shape) == 3 else ref[c]
-
-
-def _scalar_writer():
-  """``write(ref, c, x)``: chunk ``c``'s scalar into a ``[N]`` block or, on TPU, into the whole
-  ``[d_v blocks, B, H, N]`` array at this program's (block, batch, head); top level only, as
-  :func:`_scalar_reader`."""
-  b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-
-  def write(ref, c, x):
-    if len(ref.shape) == 4:
-      ref[j, b, h, c] = x
-    else:
-      ref[c] = x
-  return write
 
 
 def _forward_kernel(*refs, n: int, momentum: bool, save_states: bool, poison: bool):
@@ -193,51 +180,33 @@ def forward(coeffs: tuple, s0: jax.Array, m0: jax.Array | None, *, block_v: int,
   return y, s, m, saved, msaved
 
 
-def _backward_kernel(*refs, n: int, momentum: bool):
+def _cotangent_kernel(*refs, n: int, momentum: bool):
+  """Backward pass 1: the state cotangents through the chunks in reverse (see module doc)."""
   nf = len(CHUNK_FIELDS) + (len(MOMENTUM_FIELDS) if momentum else 0)
   fields, refs = refs[:nf], refs[nf:]
-  kw_ref, vu_ref, qs_ref, p_ref, kd_ref, gs_ref = fields[:6]
+  kw_ref, _, qs_ref, p_ref, kd_ref, gs_ref = fields[:6]
   qm_ref, km_ref, mc_ref, gm_ref = fields[6:] if momentum else (None,) * 4
-  nin = 3 + (2 if momentum else 0)
-  ins, outs = refs[:nin], refs[nin:]
-  states_ref, dy_ref, ds_end_ref = ins[:3]
-  mstates_ref, dm_end_ref = (ins[3], ins[4]) if momentum else (None, None)
-  dvu_ref, dkw_ref, dqs_ref, dp_ref, dkd_ref, dgs_ref, ds0_ref = outs[:7]
-  dqm_ref, dkm_ref, dmc_ref, dgm_ref, dm0_ref = outs[7:] if momentum else (None,) * 5
+  dy_ref, ds_end_ref, refs = refs[0], refs[1], refs[2:]
+  dm_end_ref, refs = (refs[0], refs[1:]) if momentum else (None, refs)
+  du_ref, dstates_ref, ds0_ref, refs = refs[0], refs[1], refs[2], refs[3:]
+  dmstates_ref, dm0_ref = refs if momentum else (None, None)
   cdt = kw_ref.dtype
-  scalar, write = _scalar_reader(), _scalar_writer()
+  scalar = _scalar_reader()
 
   def body(i, carry):
     c = n - 1 - i
     ds, dm = carry  # cotangents of the state after chunk c
-    s = states_ref[c]
-    s_c = s.astype(cdt)
-    kw, kd, qs, p = kw_ref[c], kd_ref[c], qs_ref[c], p_ref[c]
-    dy = dy_ref[c]
-    u = vu_ref[c].astype(s.dtype) - dot(kw, s_c)
-    u_c = u.astype(cdt)
-    ds_c = ds.astype(cdt)
-    du = dot(p, dy, trans_a=True) + dot(kd, ds_c)
-    write(dgs_ref, c, jnp.sum(s * ds))
-    dkd_ref[c] = dot(u_c, ds_c, trans_b=True)
-    ds_prev = dot(qs, dy, trans_a=True) + scalar(gs_ref, c) * ds
+    dstates_ref[c] = ds
+    dy, ds_c = dy_ref[c], ds.astype(cdt)
+    du = dot(p_ref[c], dy, trans_a=True) + dot(kd_ref[c], ds_c)
+    ds_prev = dot(qs_ref[c], dy, trans_a=True) + scalar(gs_ref, c) * ds
     if momentum:
-      m = mstates_ref[c]
-      m_c, dm_c = m.astype(cdt), dm.astype(cdt)
-      du = du + dot(km_ref[c], dm_c)
-      write(dmc_ref, c, jnp.sum(m * ds))
-      write(dgm_ref, c, jnp.sum(m * dm))
-      dqm_ref[c] = dot(dy, m_c, trans_b=True)
-      dkm_ref[c] = dot(u_c, dm_c, trans_b=True)
+      dmstates_ref[c] = dm
+      du = du + dot(km_ref[c], dm.astype(cdt))
       dm = (dot(qm_ref[c], dy, trans_a=True) + scalar(mc_ref, c) * ds
             + scalar(gm_ref, c) * dm)
-    du_c = du.astype(cdt)
-    dvu_ref[c] = du.astype(dvu_ref.dtype)
-    dkw_ref[c] = -dot(du_c, s_c, trans_b=True)
-    dqs_ref[c] = dot(dy, s_c, trans_b=True)
-    dp_ref[c] = dot(dy, u_c, trans_b=True)
-    ds_prev = ds_prev - dot(kw, du_c, trans_a=True)
-    return ds_prev, dm
+    du_ref[c] = du.astype(du_ref.dtype)
+    return ds_prev - dot(kw_ref[c], du.astype(cdt), trans_a=True), dm
 
   dm_end = dm_end_ref[...] if momentum else jnp.zeros((), ds_end_ref.dtype)
   ds, dm = jax.lax.fori_loop(0, n, body, (ds_end_ref[...], dm_end))
@@ -246,11 +215,45 @@ def _backward_kernel(*refs, n: int, momentum: bool):
     dm0_ref[...] = dm
 
 
+def _gradient_kernel(*refs, momentum: bool, block_v: int):
+  """Backward pass 2: one chunk's coefficient gradients from its saved states and cotangents,
+  ``d_v`` block by block (see module doc)."""
+  kw_ref, vu_ref, dy_ref, du_ref, s_ref, ds_ref, refs = refs[:6] + (refs[6:],)
+  m_ref, dm_ref, refs = (refs[0], refs[1], refs[2:]) if momentum else (None, None, refs)
+  dkw_ref, dqs_ref, dp_ref, dkd_ref, dgs_ref, refs = refs[:5] + (refs[5:],)
+  dqm_ref, dkm_ref, dmc_ref, dgm_ref = refs if momentum else (None,) * 4
+  cdt, wide = kw_ref.dtype, s_ref.dtype
+  blocks = [pl.ds(j * block_v, block_v) for j in range(s_ref.shape[1] // block_v)]
+  col = lambda ref, j: ref[:, blocks[j]]
+  total = lambda terms: functools.reduce(lambda a, b: a + b, terms)
+  js = range(len(blocks))
+  s_c = [col(s_ref, j).astype(cdt) for j in js]  # each block loaded once, reused below
+  dy = [col(dy_ref, j) for j in js]
+  u_c = [(col(vu_ref, j).astype(wide) - dot(kw_ref[...], s_c[j])).astype(cdt) for j in js]
+
+  def store(ref, x):
+    ref[...] = x.astype(ref.dtype)
+
+  def rows(x_ref, y_ref):  # Σ_columns x ⊙ y: the [d_k] rows of the scalar gradient ⟨x, y⟩
+    return total(jnp.sum(col(x_ref, j) * col(y_ref, j), axis=1) for j in js)[None, :]
+
+  store(dkw_ref, -total(dot(col(du_ref, j).astype(cdt), s_c[j], trans_b=True) for j in js))
+  store(dqs_ref, total(dot(dy[j], s_c[j], trans_b=True) for j in js))
+  store(dp_ref, total(dot(dy[j], u_c[j], trans_b=True) for j in js))
+  store(dkd_ref, total(dot(u_c[j], col(ds_ref, j).astype(cdt), trans_b=True) for j in js))
+  store(dgs_ref, rows(s_ref, ds_ref))
+  if momentum:
+    store(dqm_ref, total(dot(dy[j], col(m_ref, j).astype(cdt), trans_b=True) for j in js))
+    store(dkm_ref, total(dot(u_c[j], col(dm_ref, j).astype(cdt), trans_b=True) for j in js))
+    store(dmc_ref, rows(m_ref, ds_ref))
+    store(dgm_ref, rows(m_ref, dm_ref))
+
+
 @functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "interpret", "backend"))
 def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: jax.Array,
              ds_end: jax.Array, dm_end: jax.Array | None, *, block_v: int, num_warps: int = 4,
              interpret: bool = False, backend: str = "triton"):
-  """Cotangents of :func:`forward` (see the module docstring).
+  """Cotangents of :func:`forward` (see the module docstring), in two launches.
 
   Args:
     coeffs: as for :func:`forward`.
@@ -258,38 +261,51 @@ def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: ja
     dy: ``[B, H, N, C, d_v]`` (in the chunk fields' dtype); ds_end, dm_end: ``[B, H, d_k, d_v]``.
 
   Returns:
-    a dict with ``vu``, the partial sums (leading ``[d_v blocks]``) ``kw, qs, p, kd, gs`` (and
-    ``qm, km, mc, gm``), and ``s0``/``m0`` (cotangents of the initial state and momentum).
+    a dict of the fields' cotangents (``vu, kw, qs, p, kd, gs`` and ``qm, km, mc, gm``; ``vu``
+    and the scalars in the state's dtype, the other tiles in the fields' dtype) and
+    ``s0``/``m0`` (cotangents of the initial state and momentum).
   """
   momentum = mstates is not None
   (batch, heads, n, c, dk, dv), grid = _grid(coeffs, ds_end, block_v)
-  nv = grid[-1]
   fields, vals, state, states_spec = _specs(n, c, dk, block_v, momentum, backend)
-  in_specs = fields + [states_spec, vals, state] + ([states_spec, state] if momentum else [])
   f32 = ds_end.dtype
-  part_keys = pl.BlockSpec((None, None, None, n, c, dk), lambda b, h, j: (j, b, h, 0, 0, 0))
-  part_square = pl.BlockSpec((None, None, None, n, c, c), lambda b, h, j: (j, b, h, 0, 0, 0))
-  if backend == "tpu":  # whole arrays in SMEM, as the scalar inputs
-    part_scalar = pl.BlockSpec(memory_space=pltpu.SMEM)
-  else:
-    part_scalar = pl.BlockSpec((None, None, None, n), lambda b, h, j: (j, b, h, 0))
-  keys_shape = jax.ShapeDtypeStruct((nv, batch, heads, n, c, dk), f32)
-  scalar_shape = jax.ShapeDtypeStruct((nv, batch, heads, n), f32)
-  out_shape = [jax.ShapeDtypeStruct((batch, heads, n, c, dv), f32), keys_shape, keys_shape,
-               jax.ShapeDtypeStruct((nv, batch, heads, n, c, c), f32), keys_shape, scalar_shape,
+  chunk_states = jax.ShapeDtypeStruct((batch, heads, n, dk, dv), f32)
+  out_shape = [jax.ShapeDtypeStruct((batch, heads, n, c, dv), f32), chunk_states,
                jax.ShapeDtypeStruct(ds_end.shape, f32)]
-  out_specs = [vals, part_keys, part_keys, part_square, part_keys, part_scalar, state]
+  out_specs = [vals, states_spec, state]
   if momentum:
-    out_shape += [keys_shape, keys_shape, scalar_shape, scalar_shape,
-                  jax.ShapeDtypeStruct(ds_end.shape, f32)]
-    out_specs += [part_keys, part_keys, part_scalar, part_scalar, state]
-  kernel = functools.partial(_backward_kernel, n=n, momentum=momentum)
-  args = list(coeffs) + [states, dy, ds_end] + ([mstates, dm_end] if momentum else [])
-  params = compiler_params(backend, num_warps, parallel=False)
-  outs = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
-                        out_specs=out_specs, compiler_params=params, interpret=interpret,
-                        name="matrix_memory_bwd")(*args)
-  names = ["vu", "kw", "qs", "p", "kd", "gs", "s0"]
+    out_shape += [chunk_states, jax.ShapeDtypeStruct(ds_end.shape, f32)]
+    out_specs += [states_spec, state]
+  args = list(coeffs) + [dy, ds_end] + ([dm_end] if momentum else [])
+  in_specs = fields + [vals, state] + ([state] if momentum else [])
+  outs = pl.pallas_call(functools.partial(_cotangent_kernel, n=n, momentum=momentum),
+                        out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                        compiler_params=compiler_params(backend, num_warps),
+                        interpret=interpret, name="matrix_memory_bwd_states")(*args)
+  du, dstates, ds0 = outs[:3]
+  dmstates, dm0 = outs[3:] if momentum else (None, None)
+
+  # pass 2: every chunk in parallel; whole d_v per program (walked in block_v columns on GPU)
+  one = lambda *tail: pl.BlockSpec((None, None, None) + tail,
+                                   lambda b, h, i: (b, h, i) + (0,) * len(tail))
+  ins = [coeffs[CHUNK_FIELDS.index("kw")], coeffs[CHUNK_FIELDS.index("vu")], dy, du, states,
+         dstates] + ([mstates, dmstates] if momentum else [])
+  in_specs = [one(c, dk)] + [one(c, dv)] * 3 + [one(dk, dv)] * (4 if momentum else 2)
+  names = ["kw", "qs", "p", "kd", "gs"] + (["qm", "km", "mc", "gm"] if momentum else [])
+  shapes = {"p": (c, c), "gs": (1, dk), "mc": (1, dk), "gm": (1, dk)}
+  dtypes = {"gs": f32, "mc": f32, "gm": f32}  # tiles in the fields' dtype, as the caller casts
+  out_shape = [jax.ShapeDtypeStruct((batch, heads, n) + shapes.get(k, (c, dk)),
+                                    dtypes.get(k, coeffs[0].dtype)) for k in names]
+  out_specs = [one(*shapes.get(k, (c, dk))) for k in names]
+  kernel = functools.partial(_gradient_kernel, momentum=momentum,
+                             block_v=dv if backend == "tpu" else block_v)
+  grads = pl.pallas_call(kernel, out_shape=out_shape, grid=(batch, heads, n), in_specs=in_specs,
+                         out_specs=out_specs, compiler_params=compiler_params(backend, num_warps),
+                         interpret=interpret, name="matrix_memory_bwd_chunks")(*ins)
+  out = dict(zip(names, grads), vu=du, s0=ds0)
+  for name in ("gs", "mc", "gm"):
+    if name in out:
+      out[name] = out[name][..., 0, :].sum(-1)
   if momentum:
-    names += ["qm", "km", "mc", "gm", "m0"]
-  return dict(zip(names, outs))
+    out["m0"] = dm0
+  return out

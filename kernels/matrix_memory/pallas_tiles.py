@@ -34,7 +34,7 @@ the recurrence kernels do.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,13 +42,11 @@ from jax.experimental import pallas as pl
 
 from nlj.core.triangular import blocked_inverse
 from nlj_kernels.backends import compiler_params
-from nlj_kernels.matrix_memory.contract import OpConfig
-from nlj_kernels.matrix_memory.prepare import (ChunkCoefficients, ChunkScalars, ReadForm,
-                                               chunk_inputs, chunk_parts, read_form)
+from nlj_kernels.matrix_memory.prepare import ChunkScalars, ReadForm
 from nlj_kernels.products import dot
 
-__all__ = ["prepare_pallas", "tiles_pallas", "fit_shapes", "TileShape", "FORWARD", "BACKWARD",
-           "TILES"]
+__all__ = ["tiles_pallas", "differentiable_tiles", "TileKernels", "fit_shapes", "row_block",
+           "store_blocks", "TileShape", "FORWARD", "BACKWARD", "TILES", "WY"]
 
 TILES = ("kw", "vu", "qs", "p", "kd", "ka")  # outputs in this order (ka for anchored writes)
 
@@ -64,14 +62,14 @@ FORWARD = TileShape(16, 4)
 BACKWARD = TileShape(32, 8)
 
 
-def _rows(i: int, block: int) -> pl.Slice:
+def row_block(i: int, block: int) -> pl.Slice:
   return pl.ds(i * block, block)
 
 
-def _store_blocks(ref, blocks: list[jax.Array]) -> None:
+def store_blocks(ref, blocks: list[jax.Array]) -> None:
   block = ref.shape[0] // len(blocks)
   for i, x in enumerate(blocks):
-    ref[_rows(i, block)] = x.astype(ref.dtype)
+    ref[row_block(i, block)] = x.astype(ref.dtype)
 
 
 class _Chunk:
@@ -100,7 +98,7 @@ class _Chunk:
         self.t[i, j] = -jnp.dot(d, acc)
 
   def rows(self, i: int) -> pl.Slice:
-    return _rows(i, self.block)
+    return row_block(i, self.block)
 
   def k(self, i: int) -> jax.Array:
     return self.refs[0][self.rows(i)]
@@ -160,19 +158,19 @@ def _forward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
   n_sc = len(ChunkScalars._fields)
   scalar_refs, out = refs[:n_sc], dict(zip(TILES, refs[n_sc:]))
   c = _Chunk(k_ref, v_ref, q_ref, scalar_refs, block, form)
-  nb, _rows = c.nb, c.rows
+  nb, at = c.nb, c.rows
   for i in range(nb):  # the reads first: queries are not needed after them
-    out["qs"][_rows(i)] = (c.sc("read", i)[:, None] * c.q(i).astype(c.wide)).astype(
+    out["qs"][at(i)] = (c.sc("read", i)[:, None] * c.q(i).astype(c.wide)).astype(
         out["qs"].dtype)
-    out["kd"][_rows(i)] = c.scaled("decay", c.k, i).astype(out["kd"].dtype)
+    out["kd"][at(i)] = c.scaled("decay", c.k, i).astype(out["kd"].dtype)
     for j in range(nb):
       if j > i or form.reads_anchor:
         tile = jnp.zeros((block, block), c.wide)
       else:
         tile = c.gamma((i, j)) * dot(c.q(i), c.k(j), trans_b=True)
-      out["p"][_rows(i), _rows(j)] = tile.astype(out["p"].dtype)
+      out["p"][at(i), at(j)] = tile.astype(out["p"].dtype)
   for name, weight, rows in c.products():
-    _store_blocks(out[name], c.apply(lambda j, w=weight, r=rows: c.scaled(w, r, j)))
+    store_blocks(out[name], c.apply(lambda j, w=weight, r=rows: c.scaled(w, r, j)))
 
 
 def _backward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
@@ -182,8 +180,8 @@ def _backward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
   cots = dict(zip(TILES, refs[:n_cot]))
   (dk_ref, dv_ref, dq_ref), dsc_refs = refs[n_cot:n_cot + 3], refs[n_cot + 3:]
   c = _Chunk(k_ref, v_ref, q_ref, scalar_refs, block, form)
-  cdt, wide, nb, _rows = c.cdt, c.wide, c.nb, c.rows
-  cot = lambda name: lambda i: cots[name][_rows(i)]
+  cdt, wide, nb, at = c.cdt, c.wide, c.nb, c.rows
+  cot = lambda name: lambda i: cots[name][at(i)]
   rowdot = lambda a, b: jnp.sum(a.astype(wide) * b.astype(wide), axis=1)
   grads = {name: [jnp.zeros((block,), wide)] * nb for name in ChunkScalars._fields}
 
@@ -191,24 +189,24 @@ def _backward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
     grads[name][i] = grads[name][i] + x
 
   # Qs = read ⊙ Q, Kd = decay ⊙ K, P = Γ ⊙ Q Kᵀ (queries are done after this part)
-  dq = [c.sc("read", i)[:, None] * cots["qs"][_rows(i)].astype(wide) for i in range(nb)]
-  dk = [c.sc("decay", i)[:, None] * cots["kd"][_rows(i)].astype(wide) for i in range(nb)]
+  dq = [c.sc("read", i)[:, None] * cots["qs"][at(i)].astype(wide) for i in range(nb)]
+  dk = [c.sc("decay", i)[:, None] * cots["kd"][at(i)].astype(wide) for i in range(nb)]
   for i in range(nb):
-    add("read", i, rowdot(c.q(i), cots["qs"][_rows(i)]))
-    add("decay", i, rowdot(c.k(i), cots["kd"][_rows(i)]))
+    add("read", i, rowdot(c.q(i), cots["qs"][at(i)]))
+    add("decay", i, rowdot(c.k(i), cots["kd"][at(i)]))
   if not form.reads_anchor:
     for i, j in c.lower_pairs:
-      dpg = cots["p"][_rows(i), _rows(j)].astype(wide) * c.gamma((i, j))
+      dpg = cots["p"][at(i), at(j)].astype(wide) * c.gamma((i, j))
       z = dpg * dot(c.q(i), c.k(j), trans_b=True)
       add("log_read", i, jnp.sum(z, axis=1))
       add("log_g", j, -jnp.sum(z, axis=0))
       dq[i] = dq[i] + dot(dpg, c.k(j), dtype=cdt)
       dk[j] = dk[j] + dot(dpg, c.q(i), trans_a=True, dtype=cdt)
-  _store_blocks(dq_ref, dq)
+  store_blocks(dq_ref, dq)
 
   # WY products: x̄ = Tᵀ Ȳ, T̄ = Σ Ȳ xᵀ, N̄ = -Tᵀ T̄ Tᵀ
   products = c.products()
-  dt = {(i, j): sum(dot(cots[name][_rows(i)], c.scaled(w, rows, j), trans_b=True, dtype=cdt)
+  dt = {(i, j): sum(dot(cots[name][at(i)], c.scaled(w, rows, j), trans_b=True, dtype=cdt)
                     for name, w, rows in products) for i, j in c.lower_pairs}
   tdt = {(i, b): sum(dot(c.t[m, i], dt[m, b], trans_a=True) for m in range(i, nb))
          for i, b in c.lower_pairs}  # Tᵀ T̄ on the blocks N̄ needs
@@ -232,13 +230,13 @@ def _backward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
       if name != "vu":
         dk[i] = dk[i] + c.sc(weight, i)[:, None] * dx[i]
     if name == "vu":
-      _store_blocks(dv_ref, [c.sc("s", i)[:, None] * dx[i] for i in range(nb)])
-  _store_blocks(dk_ref, dk)
+      store_blocks(dv_ref, [c.sc("s", i)[:, None] * dx[i] for i in range(nb)])
+  store_blocks(dk_ref, dk)
   for ref, name in zip(dsc_refs, ChunkScalars._fields):
-    _store_blocks(ref, grads[name])
+    store_blocks(ref, grads[name])
 
 
-def _specs(size: int, dk: int, dv: int):
+def block_specs(size: int, dk: int, dv: int):
   """Inputs ``[B, T, H, d]``, per-token scalars ``[B, H, N, C]``, tiles ``[B, H, N, C, w]``."""
   rows = lambda d: pl.BlockSpec((None, size, None, d), lambda b, h, c: (b, c, h, 0))
   scalar = pl.BlockSpec((None, None, None, size), lambda b, h, c: (b, h, c, 0))
@@ -250,38 +248,54 @@ def _widths(form: ReadForm, size: int, dk: int, dv: int) -> tuple[int, ...]:
   return (dk, dv, dk, size, dk) + ((dk,) if form.anchored else ())
 
 
-_STATIC = ("size", "form", "shape", "interpret", "backend")
+class TileKernels(NamedTuple):
+  """A forward and a backward tiles kernel (bodies ``(k_ref, v_ref, q_ref, *refs, block,
+  form)``), the widths of the tiles they write (``widths(form, size, d_k, d_v)``) and the name
+  their launches take (``_fwd``/``_bwd`` appended)."""
+
+  forward: Callable
+  backward: Callable
+  widths: Callable[[ReadForm, int, int, int], Sequence[int]]
+  name: str
+
+
+_STATIC = ("kernels", "size", "form", "shape", "interpret", "backend")
+
+
+def _scalar_specs(scalars, scalar: pl.BlockSpec, tile: Callable) -> list[pl.BlockSpec]:
+  """Per-token ``[B, H, N, C]`` scalars by chunk; ``[B, H, N, C, C]`` matrices by chunk."""
+  return [scalar if x.ndim == 4 else tile(x.shape[-1]) for x in scalars]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _forward(k, v, q, scalars, *, size, form, shape, interpret, backend):
+def _forward(k, v, q, scalars, *, kernels, size, form, shape, interpret, backend):
   batch, t, heads, dk = k.shape
   dv, n = v.shape[-1], t // size
-  keys, vals, scalar, tile = _specs(size, dk, dv)
-  widths = _widths(form, size, dk, dv)
+  keys, vals, scalar, tile = block_specs(size, dk, dv)
+  widths = kernels.widths(form, size, dk, dv)
   out_shape = [jax.ShapeDtypeStruct((batch, heads, n, size, w), k.dtype) for w in widths]
-  kernel = functools.partial(_forward_kernel, block=shape.block, form=form)
+  kernel = functools.partial(kernels.forward, block=shape.block, form=form)
   return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch, heads, n),
-                        in_specs=[keys, vals, keys] + [scalar] * len(scalars),
+                        in_specs=[keys, vals, keys] + _scalar_specs(scalars, scalar, tile),
                         out_specs=[tile(w) for w in widths],
                         compiler_params=compiler_params(backend, shape.num_warps),
-                        interpret=interpret, name="matrix_memory_tiles_fwd")(k, v, q, *scalars)
+                        interpret=interpret, name=f"{kernels.name}_fwd")(k, v, q, *scalars)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _backward(k, v, q, scalars, cotangents, *, size, form, shape, interpret, backend):
+def _backward(k, v, q, scalars, cotangents, *, kernels, size, form, shape, interpret, backend):
   batch, t, heads, dk = k.shape
   dv, n = v.shape[-1], t // size
-  keys, vals, scalar, tile = _specs(size, dk, dv)
-  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, q)]
-  out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in scalars]
-  kernel = functools.partial(_backward_kernel, block=shape.block, form=form)
-  tiles = [tile(w) for w in _widths(form, size, dk, dv)]
+  keys, vals, scalar, tile = block_specs(size, dk, dv)
+  specs = _scalar_specs(scalars, scalar, tile)
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, q, *scalars)]
+  kernel = functools.partial(kernels.backward, block=shape.block, form=form)
+  tiles = [tile(w) for w in kernels.widths(form, size, dk, dv)]
   return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch, heads, n),
-                        in_specs=[keys, vals, keys] + [scalar] * len(scalars) + tiles,
-                        out_specs=[keys, vals, keys] + [scalar] * len(scalars),
+                        in_specs=[keys, vals, keys] + specs + tiles,
+                        out_specs=[keys, vals, keys] + specs,
                         compiler_params=compiler_params(backend, shape.num_warps),
-                        interpret=interpret, name="matrix_memory_tiles_bwd")(
+                        interpret=interpret, name=f"{kernels.name}_bwd")(
                             k, v, q, *scalars, *cotangents)
 
 
@@ -308,24 +322,40 @@ def fit_shapes(size: int, forward: TileShape | None = None, backward: TileShape 
   return out[0], out[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _tiles(size, form, shapes, interpret, backend, k, v, q, scalars):
-  return tuple(_forward(k, v, q, scalars, size=size, form=form, shape=shapes[0],
-                        interpret=interpret, backend=backend))
+def differentiable_tiles(kernels: TileKernels, scalars_type: type) -> Callable:
+  """``run(form, k, v, q, scalars, size, shapes, interpret, backend) -> tuple of tiles`` with a
+  custom VJP through ``kernels``' backward kernel, whose outputs are the cotangents of
+  ``(k, v, q, *scalars)``; ``shapes`` (forward, backward) as :func:`fit_shapes` takes them."""
+  forward = functools.partial(_forward, kernels=kernels)
+  backward = functools.partial(_backward, kernels=kernels)
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+  def tiles(size, form, shapes, interpret, backend, k, v, q, scalars):
+    return tuple(forward(k, v, q, scalars, size=size, form=form, shape=shapes[0],
+                         interpret=interpret, backend=backend))
+
+  def tiles_fwd(size, form, shapes, interpret, backend, k, v, q, scalars):
+    return tiles(size, form, shapes, interpret, backend, k, v, q, scalars), (k, v, q, scalars)
+
+  def tiles_bwd(size, form, shapes, interpret, backend, residuals, cotangents):
+    k, v, q, scalars = residuals
+    dk, dv, dq, *dscalars = backward(k, v, q, scalars, tuple(cotangents), size=size, form=form,
+                                     shape=shapes[1], interpret=interpret, backend=backend)
+    return dk, dv, dq, scalars_type(*dscalars)
+
+  tiles.defvjp(tiles_fwd, tiles_bwd)
+
+  def run(form, k, v, q, scalars, size, shapes, interpret, backend):
+    if k.shape[1] % size:
+      raise ValueError(f"the stage-1 kernels need T % chunk == 0, got chunk={size}, "
+                       f"T={k.shape[1]}")
+    return tiles(size, form, fit_shapes(size, *shapes), interpret, backend, k, v.astype(k.dtype),
+                 q.astype(k.dtype), scalars_type(*scalars))
+  return run
 
 
-def _tiles_fwd(size, form, shapes, interpret, backend, k, v, q, scalars):
-  return _tiles(size, form, shapes, interpret, backend, k, v, q, scalars), (k, v, q, scalars)
-
-
-def _tiles_bwd(size, form, shapes, interpret, backend, residuals, cotangents):
-  k, v, q, scalars = residuals
-  dk, dv, dq, *dscalars = _backward(k, v, q, scalars, tuple(cotangents), size=size, form=form,
-                                    shape=shapes[1], interpret=interpret, backend=backend)
-  return dk, dv, dq, ChunkScalars(*dscalars)
-
-
-_tiles.defvjp(_tiles_fwd, _tiles_bwd)
+WY = TileKernels(_forward_kernel, _backward_kernel, _widths, "matrix_memory_tiles")
+_tiles = differentiable_tiles(WY, ChunkScalars)
 
 
 def tiles_pallas(form: ReadForm, k: jax.Array, v: jax.Array, q: jax.Array,
@@ -347,36 +377,5 @@ def tiles_pallas(form: ReadForm, k: jax.Array, v: jax.Array, q: jax.Array,
     ``{name: [B, H, N, C, ·]}`` for :data:`TILES` in k's dtype (``ka`` None unless
     ``form.anchored``).
   """
-  shapes = fit_shapes(size, forward, backward)
-  if k.shape[1] % size:
-    raise ValueError(f"the stage-1 kernels need T % chunk == 0, got chunk={size}, "
-                     f"T={k.shape[1]}")
-  out = _tiles(size, form, shapes, interpret, backend, k, v, q.astype(k.dtype),
-               ChunkScalars(*scalars))
+  out = _tiles(form, k, v, q, scalars, size, (forward, backward), interpret, backend)
   return dict(zip(TILES, out + (None,) * (len(TILES) - len(out))))
-
-
-def prepare_pallas(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta: jax.Array,
-                   alpha: jax.Array, beta: jax.Array, mask: jax.Array, *,
-                   forward: TileShape | None = None, backward: TileShape | None = None,
-                   interpret: bool = False, backend: str = "triton") -> ChunkCoefficients:
-  """Stage-1 coefficients of every chunk with the tiles by the kernels (differentiable).
-
-  Args:
-    config: the op.
-    k, q: ``[B, T, H, d_k]``; v: ``[B, T, H, d_v]`` (``T % chunk == 0``; pad first);
-      eta, alpha, beta, mask: ``[B, T, H]``.
-    forward, backward: the tiles kernels' :class:`TileShape` (None: :func:`fit_shapes`').
-
-  Returns:
-    :class:`ChunkCoefficients` with leading ``[B, H, N]`` axes: tiles in k's dtype, scalars in
-    float32 (float64 stays). With momentum nothing is solved and every field comes from
-    :func:`~nlj_kernels.matrix_memory.prepare.chunk_parts` in plain JAX.
-  """
-  args = chunk_inputs(k, v, q, eta, alpha, beta, mask, size=config.chunk)
-  coeffs, scalars = jax.vmap(jax.vmap(jax.vmap(functools.partial(chunk_parts, config))))(*args)
-  if scalars is None:
-    return coeffs
-  tiles = tiles_pallas(read_form(config), k, v, q, scalars, config.chunk, forward=forward,
-                       backward=backward, interpret=interpret, backend=backend)
-  return coeffs._replace(**tiles)

@@ -19,15 +19,16 @@ With momentum (GD, ``B_t = Π_{j<=t} β_j``): no solve (``b = 0``), ``Γ_{ti} = 
 ``E_{ij} = B_i/B_j`` (lower triangular), ``A = Γ E``, ``m = Γ B`` (padding tokens, which
 add no momentum to ``S``, are zero columns of ``Γ``); then ``Vu = s ⊙ V``,
 ``Kw = [l2] s ⊙ K``, ``Qs = γ ⊙ Q``, ``Qm = m ⊙ Q``, ``P = A ∘ (Q Kᵀ)``, ``Kd = A_{C,·} ⊙ K``,
-``Km = (B_C/B_t) ⊙ K``, ``gs = γ_C``, ``mc = m_C``, ``gm = B_C`` (strict versions for ``before``).
+``Km = (B_C/B_t) ⊙ K``, ``gs = γ_C``, ``mc = m_C``, ``gm = B_C`` (strict versions for ``before``;
+``boundary`` reads have ``A = 0`` and ``m = 0``).
 
 The equations are written once, for one chunk, in two parts: :func:`chunk_parts` (the
-per-token :class:`ChunkScalars`, or with momentum every coefficient) and :func:`chunk_tiles` (the
-tiles built from those scalars, with the triangular inverse passed in); :func:`chunk_coefficients`
-joins them. :func:`prepare` maps both over ``[batch, heads, chunks]`` in plain JAX with a
-triangular solve or the products-only blocked inverse (:mod:`nlj.core.triangular`);
-:mod:`nlj_kernels.matrix_memory.pallas_tiles` maps :func:`chunk_parts` the same way and builds the
-tiles in Pallas kernels.
+per-token :class:`ChunkScalars`, or with momentum :class:`MomentumScalars`) and
+:func:`chunk_tiles` (the tiles built from those scalars, with the triangular inverse passed in);
+:func:`chunk_coefficients` joins them. :func:`prepare` maps both over ``[batch, heads,
+chunks]`` in plain JAX with a triangular solve or the products-only blocked inverse
+(:mod:`nlj.core.triangular`); :mod:`nlj_kernels.matrix_memory.pallas_stage1` maps
+:func:`chunk_parts` the same way and builds the tiles in Pallas kernels.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from nlj.core.rules import Rule
 from nlj_kernels.matrix_memory.contract import OpConfig
 from nlj.core.triangular import inverse_named
 
-__all__ = ["ChunkCoefficients", "ChunkScalars", "ReadForm", "chunk_coefficients", "chunk_inputs",
-           "chunk_parts", "chunk_tiles", "prepare", "read_form", "to_chunks"]
+__all__ = ["ChunkCoefficients", "ChunkScalars", "MomentumScalars", "ReadForm",
+           "chunk_coefficients", "chunk_inputs", "chunk_parts", "chunk_tiles", "momentum_tiles",
+           "prepare", "read_form", "to_chunks"]
 
 
 class ChunkCoefficients(NamedTuple):
@@ -123,6 +125,23 @@ class ChunkScalars(NamedTuple):
   decay: jax.Array
 
 
+class MomentumScalars(NamedTuple):
+  """Per-token ``[C]`` scalars of a chunk with momentum and its read decay ``a [C, C]`` (lower
+  triangular; strictly for strict reads; 0 for anchor reads), from which :func:`chunk_tiles`
+  builds every tile::
+
+    Vu = s ⊙ V ;  Ka = s ⊙ K ;  Qs = read ⊙ Q ;  Qm = qm ⊙ Q ;  Kd = decay ⊙ K ;  Km = km ⊙ K
+    P = tril(a ∘ Q Kᵀ)  (0 for anchor reads) ;  Kw = Ka for anchored writes, else 0
+  """
+
+  s: jax.Array
+  read: jax.Array
+  qm: jax.Array
+  decay: jax.Array
+  km: jax.Array
+  a: jax.Array
+
+
 class ReadForm(NamedTuple):
   """The static shape of a chunk's tiles: ``Ka`` present (``anchored``), ``P``'s diagonal
   excluded (``strict``), or ``P = 0`` (``reads_anchor``)."""
@@ -141,7 +160,7 @@ def read_form(config: OpConfig) -> ReadForm:
 
 def chunk_parts(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta: jax.Array,
                 alpha: jax.Array, beta: jax.Array, mask: jax.Array
-                ) -> tuple[ChunkCoefficients, ChunkScalars | None]:
+                ) -> tuple[ChunkCoefficients, ChunkScalars | MomentumScalars]:
   """One chunk's coefficients, or its per-token scalars (see the module docstring).
 
   Args:
@@ -151,9 +170,9 @@ def chunk_parts(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta:
       (as :func:`nlj.core.update.masked_scalars` does).
 
   Returns:
-    ``(coefficients, scalars)``: with momentum the complete :class:`ChunkCoefficients` and None
-    (nothing to solve); without, coefficients holding only ``gs`` and the
-    :class:`ChunkScalars` from which :func:`chunk_tiles` builds the rest.
+    ``(coefficients, scalars)``: coefficients holding only the 0-d scalars (``gs``, and
+    ``mc``, ``gm`` with momentum) and the :class:`ChunkScalars` (:class:`MomentumScalars` with
+    momentum) from which :func:`chunk_tiles` builds the rest.
   """
   rule = Rule(config.step, dgd_variant=config.dgd_variant)
   c, s = jax.vmap(rule.coefficients)(eta, k)
@@ -165,21 +184,18 @@ def chunk_parts(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta:
   read = jnp.ones_like(log_read) if form.reads_anchor else jnp.exp(log_read)
   gs = jnp.exp(_last(log_g))
   if config.momentum:
-    qk = _mm(q, k, trans_b=True)
     log_b, _ = _log_cumprod(beta)
     gamma = _ratios(log_read, log_g, form.strict) * mask[None, :]
     gamma_last = jnp.exp(_last(log_g) - log_g) * mask
     decay_all = _ratios(log_b, log_b, False)
-    last = jnp.sum(gamma_last[:, None] * decay_all, axis=0)
-    ka = s[:, None] * k if form.anchored else None
-    return ChunkCoefficients(
-        kw=ka if form.anchored else jnp.zeros_like(k), vu=s[:, None] * v, qs=read[:, None] * q,
-        p=jnp.zeros_like(qk) if form.reads_anchor else _mm(gamma, decay_all) * qk,
-        kd=last[:, None] * k, gs=gs, ka=ka,
-        qm=jnp.zeros_like(q) if form.reads_anchor else (
-            jnp.sum(gamma * jnp.exp(log_b)[None, :], axis=1)[:, None] * q),
-        km=jnp.exp(_last(log_b) - log_b)[:, None] * k,
-        mc=jnp.sum(gamma_last * jnp.exp(log_b)), gm=jnp.exp(_last(log_b))), None
+    reads = lambda x: jnp.zeros_like(x) if form.reads_anchor else x
+    scalars = MomentumScalars(
+        s=s, read=read, qm=reads(jnp.sum(gamma * jnp.exp(log_b)[None, :], axis=1)),
+        decay=jnp.sum(gamma_last[:, None] * decay_all, axis=0),
+        km=jnp.exp(_last(log_b) - log_b), a=reads(_mm(gamma, decay_all)))
+    return ChunkCoefficients(kw=None, vu=None, qs=None, p=None, kd=None, gs=gs, ka=None,
+                             mc=jnp.sum(gamma_last * jnp.exp(log_b)),
+                             gm=jnp.exp(_last(log_b))), scalars
   if config.semantics == "exact" and config.objective == "l2":
     b = c + (alpha * s if config.grad_at_retained else s)
   else:
@@ -191,13 +207,17 @@ def chunk_parts(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta:
 
 
 def chunk_tiles(form: ReadForm, inverse: Inverse, k: jax.Array, v: jax.Array, q: jax.Array,
-                scalars: ChunkScalars) -> dict[str, jax.Array | None]:
-  """The tiles ``kw, vu, qs, p, kd, ka`` of one chunk without momentum (:class:`ChunkScalars`;
-  ``k, q [C, d_k]``, ``v [C, d_v]``; ``ka`` None unless ``form.anchored``).
+                scalars: ChunkScalars | MomentumScalars) -> dict[str, jax.Array | None]:
+  """The tiles ``kw, vu, qs, p, kd, ka`` of one chunk (and ``qm, km`` with momentum) from its
+  :class:`ChunkScalars` or :class:`MomentumScalars` (``k, q [C, d_k]``, ``v [C, d_v]``; ``ka``
+  None unless ``form.anchored``).
 
-  ``inverse``: ``N -> (I + N)⁻¹`` for strictly lower-triangular ``N [C, C]``.
+  ``inverse``: ``N -> (I + N)⁻¹`` for strictly lower-triangular ``N [C, C]`` (unused with
+  momentum, which solves nothing).
   """
   w = scalars
+  if isinstance(w, MomentumScalars):
+    return momentum_tiles(form, k, v, q, w)
   t = inverse(w.b[:, None] * _ratios(w.log_prev, w.log_g, True) * _mm(k, k, trans_b=True))
   qk = _mm(q, k, trans_b=True)
   return dict(
@@ -205,6 +225,19 @@ def chunk_tiles(form: ReadForm, inverse: Inverse, k: jax.Array, v: jax.Array, q:
       p=jnp.zeros_like(qk) if form.reads_anchor else _ratios(w.log_read, w.log_g,
                                                              form.strict) * qk,
       kd=w.decay[:, None] * k, ka=_mm(t, w.s[:, None] * k) if form.anchored else None)
+
+
+def momentum_tiles(form: ReadForm, k: jax.Array, v: jax.Array, q: jax.Array,
+                   scalars: MomentumScalars) -> dict[str, jax.Array | None]:
+  """The tiles of one chunk with momentum (:class:`MomentumScalars`; shapes as
+  :func:`chunk_tiles`)."""
+  w = scalars
+  row = lambda x, rows: x[:, None] * rows
+  ka = row(w.s, k) if form.anchored else None
+  p = jnp.where(_tril(k.shape[0], False), w.a * _mm(q, k, trans_b=True), 0.0)
+  p = jnp.zeros_like(p) if form.reads_anchor else p
+  return dict(kw=jnp.zeros_like(k) if ka is None else ka, vu=row(w.s, v), qs=row(w.read, q), p=p,
+              kd=row(w.decay, k), ka=ka, qm=row(w.qm, q), km=row(w.km, k))
 
 
 def chunk_coefficients(config: OpConfig, inverse: Inverse, k: jax.Array, v: jax.Array,
@@ -217,8 +250,6 @@ def chunk_coefficients(config: OpConfig, inverse: Inverse, k: jax.Array, v: jax.
     :class:`ChunkCoefficients` of ``[C, ·]`` tiles and 0-d scalars.
   """
   coeffs, scalars = chunk_parts(config, k, v, q, eta, alpha, beta, mask)
-  if scalars is None:
-    return coeffs
   return coeffs._replace(**chunk_tiles(read_form(config), inverse, k, v, q, scalars))
 
 

@@ -42,8 +42,7 @@ def _bwd(block_v, num_warps, interpret, backend, residuals, cotangents):
                            dm if momentum else None, block_v=block_v, num_warps=num_warps,
                            interpret=interpret, backend=backend)
   names = kernels.CHUNK_FIELDS + (kernels.MOMENTUM_FIELDS if momentum else ())
-  whole = lambda name: grads[name] if name == "vu" else grads[name].sum(0)  # d_v-block partials
-  dcoeffs = tuple(whole(name).astype(x.dtype) for name, x in zip(names, coeffs))
+  dcoeffs = tuple(grads[name].astype(x.dtype) for name, x in zip(names, coeffs))
   return dcoeffs, grads["s0"], grads["m0"] if momentum else None
 
 

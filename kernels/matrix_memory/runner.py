@@ -23,7 +23,8 @@ from nlj_kernels.backends import resolve_backend
 from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.contract import OpConfig, op_config
 from nlj.core.triangular import inverse_named
-from nlj_kernels.matrix_memory.pallas_tiles import TileShape, prepare_pallas
+from nlj_kernels.matrix_memory.pallas_stage1 import prepare_pallas
+from nlj_kernels.matrix_memory.pallas_tiles import TileShape
 from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, prepare
 from nlj_kernels.matrix_memory.recurrence import chunk_recurrence
 
@@ -106,7 +107,8 @@ def _chunk_slice(coeffs: ChunkCoefficients, start: int, stop: int) -> ChunkCoeff
 
 
 def _pad(x: jax.Array, n: int, size: int, phase, fill: float) -> jax.Array:
-  """``[B, T, H, ...] -> [B, n * size, H, ...]``, shifted right by ``phase``, padded with ``fill``."""
+  """``[B, T, H, ...] -> [B, n * size, H, ...]``, shifted right by ``phase``, padded with
+  ``fill``."""
   if x.shape[1] == n * size and isinstance(phase, int) and phase == 0:
     return x
   padded = jnp.full((x.shape[0], n * size) + x.shape[2:], fill, x.dtype)

@@ -23,7 +23,9 @@ from nlj_kernels.matrix_memory import (OpConfig, launch_options, matrix_memory, 
 from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.pallas_tiles import (TileShape, fit_shapes,
                                                      tiles_pallas)
-from nlj_kernels.matrix_memory.prepare import ChunkScalars, ReadForm, chunk_tiles, prepare, to_chunks
+from nlj_kernels.matrix_memory.pallas_tiles_momentum import momentum_tiles_pallas
+from nlj_kernels.matrix_memory.prepare import (ChunkScalars, MomentumScalars, ReadForm,
+                                               chunk_tiles, momentum_tiles, prepare, to_chunks)
 from tests.core.helpers import max_diff, random_inputs, slice_inputs
 
 # (objective, rule, semantics, read): every combination the kernel covers, by family
@@ -260,7 +262,7 @@ def test_kernels_lower_for_tpu(momentum):
 
   text = jax.jit(jax.grad(loss, (0, 1, 2, 3))).trace(x, x, x, s0).lower(
       lowering_platforms=("tpu",)).as_text()
-  assert text.count("tpu_custom_call") == 2
+  assert text.count("tpu_custom_call") == 3  # forward, backward passes 1 and 2
 
 
 def test_stage1_default_is_the_pallas_kernels_when_compiled_for_triton():
@@ -299,12 +301,12 @@ def test_kernels_lower_to_triton_for_hopper(monkeypatch, momentum, dtype):
 
   text = jax.jit(jax.grad(loss, (0, 1, 2, 3))).trace(x, x, x, s0).lower(
       lowering_platforms=("cuda",)).as_text()
-  # stage 2 forward and backward (stage 1 in plain JAX by default) ...
-  assert text.count("__gpu$xla.gpu.triton") == 2
+  # stage 2: forward and the two backward passes (stage 1 in plain JAX by default) ...
+  assert text.count("__gpu$xla.gpu.triton") == 3
   staged = jax.jit(jax.grad(lambda *a: loss(*a, stage1="pallas"), (0, 1, 2, 3))).trace(
       x, x, x, s0).lower(lowering_platforms=("cuda",)).as_text()
-  # ... and the WY products' forward and backward (momentum solves nothing: no WY kernels)
-  assert staged.count("__gpu$xla.gpu.triton") == (2 if momentum else 4)
+  # ... and the tiles' forward and backward (the WY products, or the momentum tiles)
+  assert staged.count("__gpu$xla.gpu.triton") == 5
 
 
 @pytest.mark.parametrize("family", ["gated_deltanet", "linear_attention"])
@@ -344,6 +346,35 @@ def test_static_phase_equals_reference(seq):
     assert_states_close(got_state, want_state, 1e-10)
 
 
+def _stage1_inputs(chunk: int, dk: int = 16, dv: int = 32):
+  """Unit-norm keys, values, queries ``[2, 2 * chunk, 2, ·]`` (float64) and a key for more."""
+  keys = jax.random.split(jax.random.PRNGKey(chunk), 4)
+  shape = (2, 2 * chunk, 2)
+  k = jax.random.normal(keys[0], shape + (dk,), jnp.float64)
+  v = jax.random.normal(keys[1], shape + (dv,), jnp.float64)
+  q = jax.random.normal(keys[2], shape + (dk,), jnp.float64)
+  return k / jnp.linalg.norm(k, axis=-1, keepdims=True), v, q, keys[3]
+
+
+def _assert_tiles_and_grads_equal(kernel, reference, k, v, q, scalars):
+  """Kernel tiles equal the plain-JAX ones, and so do every input's gradients of a weighted
+  sum of them."""
+  want, got = reference(k, v, q, scalars), kernel(k, v, q, scalars)
+  assert set(got) == set(want) and all((got[n] is None) == (want[n] is None) for n in want)
+  assert max_diff(got, want) < 1e-12
+  weights = {n: jnp.cos(jnp.arange(x.size, dtype=x.dtype) + i).reshape(x.shape)
+             for i, (n, x) in enumerate(want.items()) if x is not None}
+  loss = lambda f: lambda *a: sum(jnp.sum(f(*a)[n] * w) for n, w in weights.items())
+  grads = lambda f: jax.grad(loss(f), (0, 1, 2, 3))(k, v, q, scalars)
+  assert max_diff(grads(kernel), grads(reference)) < 1e-11
+
+
+def _per_chunk(one, chunk: int):
+  """``one(k, v, q, *scalars)`` on ``[C, ·]`` chunks mapped over ``[B, T, H, ·]`` inputs."""
+  return lambda k, v, q, s: jax.vmap(jax.vmap(jax.vmap(one)))(
+      to_chunks(k, chunk), to_chunks(v, chunk), to_chunks(q, chunk), *s)
+
+
 @pytest.mark.parametrize("chunk,form,shapes", [
     (32, (False, False, False), None), (64, (True, True, False), None),
     (128, (False, False, False), None), (32, (True, True, True), None),
@@ -355,39 +386,52 @@ def test_stage1_kernels_equal_plain_jax(chunk, form, shapes):
   :func:`~nlj_kernels.matrix_memory.prepare.chunk_parts` clamps it) inside a chunk."""
   form = ReadForm(*form)
   with jax.enable_x64(True):
-    b_, t, h, dk, dv = 2, 2 * chunk, 2, 16, 32
-    keys = jax.random.split(jax.random.PRNGKey(chunk), 10)
-    k = jax.random.normal(keys[0], (b_, t, h, dk), jnp.float64)
-    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-    v = jax.random.normal(keys[1], (b_, t, h, dv), jnp.float64)
-    q = jax.random.normal(keys[2], (b_, t, h, dk), jnp.float64)
-    shape = (b_, h, t // chunk, chunk)
+    k, v, q, key = _stage1_inputs(chunk)
+    keys = jax.random.split(key, 6)
+    shape = (2, 2, 2, chunk)
     uniform = lambda i: jax.random.uniform(keys[i], shape, jnp.float64)
-    log_alpha = jnp.log(0.8 + 0.2 * uniform(3))
+    log_alpha = jnp.log(0.8 + 0.2 * uniform(0))
     log_alpha = log_alpha.at[:, :, 0, chunk // 2 + 3].set(jnp.log(jnp.finfo(jnp.float64).tiny))
     log_g = jnp.cumsum(log_alpha, -1)
     log_read = log_g - log_alpha if form.strict else log_g
-    scalars = ChunkScalars(0.6 * uniform(4), uniform(5), uniform(6), log_g - log_alpha, log_g,
-                           log_read, uniform(7), uniform(8))
+    scalars = ChunkScalars(0.6 * uniform(1), uniform(2), uniform(3), log_g - log_alpha, log_g,
+                           log_read, uniform(4), uniform(5))
     if chunk % 16:
       with pytest.raises(ValueError, match="chunk % 16 == 0"):
         tiles_pallas(form, k, v, q, scalars, chunk, interpret=True)
       return
-    one = lambda kk, vv, qq, *s: chunk_tiles(form, inverse_named("solve"), kk, vv, qq,
-                                             ChunkScalars(*s))
-    reference = lambda k, v, q, s: jax.vmap(jax.vmap(jax.vmap(one)))(
-        to_chunks(k, chunk), to_chunks(v, chunk), to_chunks(q, chunk), *s)
+    reference = _per_chunk(lambda kk, vv, qq, *s: chunk_tiles(
+        form, inverse_named("solve"), kk, vv, qq, ChunkScalars(*s)), chunk)
     forward, backward = shapes or (None, None)
     kernel = lambda k, v, q, s: tiles_pallas(form, k, v, q, s, chunk, forward=forward,
                                              backward=backward, interpret=True)
-    want, got = reference(k, v, q, scalars), kernel(k, v, q, scalars)
-    assert (got["ka"] is None) == (not form.anchored)
-    assert max_diff(got, want) < 1e-12
-    weights = {n: jnp.cos(jnp.arange(x.size, dtype=x.dtype) + i).reshape(x.shape)
-               for i, (n, x) in enumerate(want.items()) if x is not None}
-    loss = lambda f: lambda *a: sum(jnp.sum(f(*a)[n] * w) for n, w in weights.items())
-    grads = lambda f: jax.grad(loss(f), (0, 1, 2, 3))(k, v, q, scalars)
-    assert max_diff(grads(kernel), grads(reference)) < 1e-11
+    _assert_tiles_and_grads_equal(kernel, reference, k, v, q, scalars)
+
+
+@pytest.mark.parametrize("chunk,form,shapes", [
+    (32, (True, False, False), None), (64, (True, True, False), None),
+    (32, (True, True, True), None), (32, (False, False, False), ((16, 4), (16, 2))),
+    (64, (True, False, False), ((32, 4), (64, 8)))])
+def test_momentum_stage1_kernels_equal_plain_jax(chunk, form, shapes):
+  """The momentum tiles of the Pallas stage 1 against :func:`momentum_tiles` in plain JAX,
+  values and every input's gradient (``a`` lower triangular, strictly for strict reads, zero
+  for anchor reads, as :func:`~nlj_kernels.matrix_memory.prepare.chunk_parts` makes it)."""
+  form = ReadForm(*form)
+  with jax.enable_x64(True):
+    k, v, q, key = _stage1_inputs(chunk)
+    keys = jax.random.split(key, 6)
+    uniform = lambda i, *extra: jax.random.uniform(keys[i], (2, 2, 2, chunk) + extra,
+                                                   jnp.float64)
+    rows, cols = jnp.arange(chunk)[:, None], jnp.arange(chunk)[None, :]
+    a = jnp.where(rows > cols if form.strict else rows >= cols, uniform(5, chunk), 0.0)
+    scalars = MomentumScalars(*(uniform(i) for i in range(5)),
+                              a=jnp.zeros_like(a) if form.reads_anchor else a)
+    reference = _per_chunk(lambda kk, vv, qq, *s: momentum_tiles(form, kk, vv, qq,
+                                                                 MomentumScalars(*s)), chunk)
+    forward, backward = shapes or (None, None)
+    kernel = lambda k, v, q, s: momentum_tiles_pallas(form, k, v, q, s, chunk, forward=forward,
+                                                      backward=backward, interpret=True)
+    _assert_tiles_and_grads_equal(kernel, reference, k, v, q, scalars)
 
 
 def test_stage1_tile_shapes():
