@@ -167,6 +167,7 @@ VARIANTS = {  # label: (op, launch options) of our kernel in --bench
     "pallas_gdn_tiles16": ("gdn", {"tiles_backward": (16, 4)}),
     "pallas_titans_momentum": ("titans", {}),
     "pallas_titans_stage1_jax": ("titans", {"stage1": "jax"}),
+    "pallas_titans_tiles16": ("titans", {"tiles_backward": (16, 4)}),
     "pallas_titans_w8": ("titans", {"num_warps": 8}),
     "pallas_titans_bv32": ("titans", {"block_v": 32}),
     "pallas_titans_bv128_w8": ("titans", {"block_v": 128, "num_warps": 8}),
