@@ -315,8 +315,9 @@ def run_chunked(level: Level, state: LevelState, inputs: LevelInputs, aligned: b
                 ) -> tuple[LevelState, jax.Array | None]:
   """Run ``level`` chunk by chunk (see :meth:`nlj.core.Level.run` for shapes).
 
-  ``aligned=True`` promises ``state.phase == 0`` and ``seq % chunk == 0`` and skips the padding
-  chunk that an arbitrary phase needs.
+  ``aligned=True`` promises ``state.phase == 0`` (so the anchor is the memory, as every state at
+  a chunk boundary has it) and ``seq % chunk == 0``, and skips the padding chunk that an
+  arbitrary phase needs.
   """
   size = level.chunk
   b, t, h, _ = inputs.k.shape
@@ -341,16 +342,22 @@ def run_chunked(level: Level, state: LevelState, inputs: LevelInputs, aligned: b
   batched = jax.vmap(jax.vmap(lambda *a: per_head(level, *a), in_axes), in_axes)
 
   def body(carry, xs):
-    memory, momentum, anchor = carry
+    # aligned: every chunk starts on a boundary, where the anchor is the memory, so the carry
+    # holds the memory once (a carry holding one array twice is copied every step) and needs no
+    # select
+    memory, momentum, anchor = (*carry, carry[0]) if aligned else carry
     (k, v, q, eta, alpha, beta), mask_c, complete_c = xs
     memory, momentum, y = batched(memory, momentum, anchor, k, v, q, eta, alpha, beta, mask_c)
+    if aligned:
+      return (memory, momentum), y
     anchor = jax.tree.map(lambda m, a: jnp.where(complete_c, m, a), memory, anchor)
     return (memory, momentum, anchor), y
 
   if level.remat:
     body = jax.checkpoint(body)
-  carry = (state.memory, state.momentum, state.anchor)
-  (memory, momentum, anchor), ys = jax.lax.scan(body, carry, (chunks, mask, complete))
+  carry = (state.memory, state.momentum) + (() if aligned else (state.anchor,))
+  carry, ys = jax.lax.scan(body, carry, (chunks, mask, complete))
+  memory, momentum, anchor = (*carry, carry[0]) if aligned else carry
   new_phase = jnp.asarray((phase + t) % size, jnp.int32)
   new_state = LevelState(memory, momentum, anchor, new_phase)
   if not has_q:

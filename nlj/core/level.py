@@ -158,8 +158,9 @@ class Level:
         ``"pallas"`` (a registered kernel) or ``"auto"`` (a kernel on GPU/TPU when one covers
         this level, else ``"chunked"``).
       aligned: promise that ``state`` is at a chunk boundary (``phase == 0``, checked when the
-        phase is concrete) and ``seq % chunk == 0``; saves the padding chunk that an arbitrary
-        phase needs. Results are identical either way.
+        phase is concrete, where the anchor is the memory) and ``seq % chunk == 0``; saves the
+        padding chunk that an arbitrary phase needs and the anchor's separate carry. Results
+        are identical either way.
 
     Returns:
       ``(state, y)`` with ``y [batch, seq, heads, d_out]`` (None when ``inputs.q`` is None).

@@ -176,7 +176,7 @@ class ContinuumMemory(nnx.Module):
       if fresh:  # a static phase 0: exactly the chunks the tokens fill, no padding chunk
         state = state._replace(phase=0)
       inputs = LevelInputs(keys[:, start:stop], zh[:, start:stop], zh[:, start:stop])
-      state, y = level.run(state, inputs)
+      state, y = level.run(state, inputs, aligned=fresh and (stop - start) % level.chunk == 0)
       ys.append(y)
     return state, jnp.concatenate(ys, axis=1)[:, :, 0], z[:, -1]
 
