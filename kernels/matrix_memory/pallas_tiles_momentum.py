@@ -20,7 +20,6 @@ and ``a`` on to η, α and β. Blocks above the diagonal of ``P`` are zeros and 
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
@@ -38,6 +37,7 @@ MOMENTUM_TILES = ("vu", "qs", "qm", "kd", "km", "p", "ka")  # kernel outputs (ka
 
 
 def _row_tiles(form: ReadForm) -> tuple[tuple[str, str, int], ...]:
+  """:data:`ROW_TILES` the form writes (``ka`` for anchored writes only)."""
   return ROW_TILES if form.anchored else ROW_TILES[:-1]
 
 
