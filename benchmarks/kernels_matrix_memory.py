@@ -171,6 +171,8 @@ VARIANTS = {  # label: (op, launch options) of our kernel in --bench
     "pallas_titans_tiles16": ("titans", {"tiles_backward": (16, 4)}),
     "pallas_titans_w8": ("titans", {"num_warps": 8}),
     "pallas_titans_bv32": ("titans", {"block_v": 32}),
+    "pallas_titans_bv16": ("titans", {"block_v": 16}),
+    "pallas_gdn_bv16": ("gdn", {"block_v": 16}),
     "pallas_titans_bv128_w8": ("titans", {"block_v": 128, "num_warps": 8}),
 }
 PEERS = ("chunked", "jla")

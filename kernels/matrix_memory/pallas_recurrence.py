@@ -13,8 +13,8 @@ state) with ``dU``::
     dU = Pᵀ dy + Kd dS' + Km dM'
     dS = Qsᵀ dy + gs dS' - Kwᵀ dU ;  dM = Qmᵀ dy + mc dS' + gm dM'
 
-Pass 2 (one program per chunk, all in parallel, whole ``d_v`` per program walked in ``BV``
-columns) takes the forward's chunk-start states ``S, M`` and pass 1's ``dS', dM', dU``::
+Pass 2 (one program per chunk, all in parallel, whole ``d_v`` per program walked in
+:data:`GRADIENT_COLUMNS` columns) takes the forward's chunk-start states ``S, M`` and pass 1's ``dS', dM', dU``::
 
     dVu = dU ; dKw = -dU Sᵀ ; dQs = dy Sᵀ ; dQm = dy Mᵀ ; dP = dy Uᵀ ; dKd = U dS'ᵀ ;
     dKm = U dM'ᵀ ;  dgs = ⟨S, dS'⟩ ; dmc = ⟨M, dS'⟩ ; dgm = ⟨M, dM'⟩
@@ -45,6 +45,7 @@ from nlj_kernels.products import dot
 __all__ = ["forward", "backward", "CHUNK_FIELDS", "MOMENTUM_FIELDS"]
 
 CHUNK_FIELDS = ("kw", "vu", "qs", "p", "kd", "gs")
+GRADIENT_COLUMNS = 64  # d_v columns at a time in the backward's chunk-parallel pass (GPU)
 MOMENTUM_FIELDS = ("qm", "km", "mc", "gm")
 
 
@@ -285,7 +286,8 @@ def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: ja
   du, dstates, ds0 = outs[:3]
   dmstates, dm0 = outs[3:] if momentum else (None, None)
 
-  # pass 2: every chunk in parallel; whole d_v per program (walked in block_v columns on GPU)
+  # pass 2: every chunk in parallel; whole d_v per program (walked in GRADIENT_COLUMNS columns
+  # on GPU, whatever block_v the sequential kernels take)
   one = lambda *tail: pl.BlockSpec((None, None, None) + tail,
                                    lambda b, h, i: (b, h, i) + (0,) * len(tail))
   ins = [coeffs[CHUNK_FIELDS.index("kw")], coeffs[CHUNK_FIELDS.index("vu")], dy, du, states,
@@ -298,7 +300,7 @@ def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: ja
                                     dtypes.get(k, coeffs[0].dtype)) for k in names]
   out_specs = [one(*shapes.get(k, (c, dk))) for k in names]
   kernel = functools.partial(_gradient_kernel, momentum=momentum,
-                             block_v=dv if backend == "tpu" else block_v)
+                             block_v=dv if backend == "tpu" else min(dv, GRADIENT_COLUMNS))
   grads = pl.pallas_call(kernel, out_shape=out_shape, grid=(batch, heads, n), in_specs=in_specs,
                          out_specs=out_specs, compiler_params=compiler_params(backend, num_warps),
                          interpret=interpret, name="matrix_memory_bwd_chunks")(*ins)

@@ -137,10 +137,11 @@ def test_gradients_equal_reference(name, stage1):
 
 @pytest.mark.parametrize("name", ["gated_deltanet", "titans_momentum"])
 def test_gradients_over_several_value_blocks(name):
-  """``block_v < d_v``: the sequential kernels run one program per ``d_v`` block and the
-  backward's chunk-parallel pass walks the blocks; gradients still equal the reference's."""
+  """``block_v < d_v``: the sequential kernels run one program per ``d_v`` block, and with
+  ``d_v = 128`` the backward's chunk-parallel pass walks two column blocks; gradients still
+  equal the reference's."""
   with jax.enable_x64(True):
-    level = make_level(name, d_in=16, d_out=64)
+    level = make_level(name, d_in=16, d_out=2 * pallas_recurrence.GRADIENT_COLUMNS)
     inputs = random_inputs(level, 2, 40, seed=3)
     params, _ = random_state(level, 2)
     grad = lambda runner: jax.grad(lambda p, i: _loss(level, runner, p, i, 2), (0, 1))(
