@@ -14,7 +14,8 @@ state) with ``dU``::
     dS = Qsᵀ dy + gs dS' - Kwᵀ dU ;  dM = Qmᵀ dy + mc dS' + gm dM'
 
 Pass 2 (one program per chunk, all in parallel, whole ``d_v`` per program walked in
-:data:`GRADIENT_COLUMNS` columns) takes the forward's chunk-start states ``S, M`` and pass 1's ``dS', dM', dU``::
+:data:`GRADIENT_COLUMNS` columns) takes the forward's chunk-start states ``S, M`` and pass 1's
+``dS', dM', dU``::
 
     dVu = dU ; dKw = -dU Sᵀ ; dQs = dy Sᵀ ; dQm = dy Mᵀ ; dP = dy Uᵀ ; dKd = U dS'ᵀ ;
     dKm = U dM'ᵀ ;  dgs = ⟨S, dS'⟩ ; dmc = ⟨M, dS'⟩ ; dgm = ⟨M, dM'⟩

@@ -55,7 +55,8 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
   """Launch options with defaults for the running platform.
 
   Args:
-    block_v: ``d_v`` columns per program (default ``min(d_v, 64)``).
+    block_v: ``d_v`` columns per program of the sequential kernels (the forward and the
+      backward's first pass; default ``min(d_v, 64)``).
     num_warps: Triton warps per program of the recurrence kernels.
     interpret: run the kernels in interpret mode; default: unless JAX runs on the device the
       backend compiles for.
