@@ -28,12 +28,11 @@ from nlj_kernels.matrix_memory.pallas_tiles import (TileKernels, TileShape,
 from nlj_kernels.matrix_memory.prepare import MomentumScalars, ReadForm
 from nlj_kernels.products import dot
 
-__all__ = ["momentum_tiles_pallas", "MOMENTUM_TILES"]
+__all__ = ["momentum_tiles_pallas"]
 
 PER_TOKEN = MomentumScalars._fields[:-1]  # s, read, qm, decay, km; then the matrix a
 ROW_TILES = (("vu", "s", 1), ("qs", "read", 2), ("qm", "qm", 2), ("kd", "decay", 0),
              ("km", "km", 0), ("ka", "s", 0))  # (tile, scalar, input: 0 k, 1 v, 2 q)
-MOMENTUM_TILES = ("vu", "qs", "qm", "kd", "km", "p", "ka")  # kernel outputs (ka if anchored)
 
 
 def _row_tiles(form: ReadForm) -> tuple[tuple[str, str, int], ...]:
@@ -42,8 +41,8 @@ def _row_tiles(form: ReadForm) -> tuple[tuple[str, str, int], ...]:
 
 
 def _outputs(form: ReadForm) -> tuple[str, ...]:
-  """The kernels' tiles in order: :data:`MOMENTUM_TILES` (``ka`` for anchored writes only)."""
-  return MOMENTUM_TILES if form.anchored else MOMENTUM_TILES[:-1]
+  """The kernels' tiles in order: the row tiles, then ``p``."""
+  return tuple(name for name, _, _ in _row_tiles(form)) + ("p",)
 
 
 def _lower(block: int) -> jax.Array:

@@ -234,8 +234,9 @@ def momentum_tiles(form: ReadForm, k: jax.Array, v: jax.Array, q: jax.Array,
   w = scalars
   row = lambda x, rows: x[:, None] * rows
   ka = row(w.s, k) if form.anchored else None
-  p = jnp.where(_tril(k.shape[0], False), w.a * _mm(q, k, trans_b=True), 0.0)
-  p = jnp.zeros_like(p) if form.reads_anchor else p
+  size = k.shape[0]
+  p = jnp.zeros((size, size), k.dtype) if form.reads_anchor else jnp.where(
+      _tril(size, False), w.a * _mm(q, k, trans_b=True), 0.0)
   return dict(kw=jnp.zeros_like(k) if ka is None else ka, vu=row(w.s, v), qs=row(w.read, q), p=p,
               kd=row(w.decay, k), ka=ka, qm=row(w.qm, q), km=row(w.km, k))
 
