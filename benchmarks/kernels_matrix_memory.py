@@ -20,6 +20,7 @@ device copy GB/s) are measured in the same run. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -115,14 +116,18 @@ def check(report: dict, cases: list[int], stage1: str | None) -> None:
       level = CHECK_LEVELS["titans_linear" if mom else "gated_deltanet"](128)
       inp = inputs(jax.random.PRNGKey(7), 2, 256, 2, 128, jnp.bfloat16)
       s0 = jnp.zeros((2, 2, 128, 128))
-      y, s, _ = jax.jit(lambda i: matrix_memory(config, *i, s0, s0 if mom else None,
-                                                stage1=stage1))(inp)
+      op = lambda i: matrix_memory(config, *i, s0, s0 if mom else None, stage1=stage1)
+      y, s, _ = jax.jit(op)(inp)
       up = jax.tree.map(lambda x: x.astype(jnp.float32), inp)
       zero = level.init_state({"w": jnp.zeros((2, 128, 128))}, 2)
       ref_state, ref_y = jax.jit(lambda s, i: run_reference(level, s, i))(zero, up)
+      dy = jax.random.normal(jax.random.PRNGKey(8), ref_y.shape)  # gradients of <y, dy>
+      g = jax.jit(jax.grad(lambda i: jnp.sum(op(i)[0].astype(jnp.float32) * dy)))(inp)
+      g_ref = jax.jit(jax.grad(lambda i: jnp.sum(run_reference(level, zero, i)[1] * dy)))(up)
       rows.append({"level": f"bf16 {'titans_linear' if mom else 'gated_deltanet'}", "d": 128,
                    "y_rel": rel(y, ref_y), "state_rel": rel(s, jnp.swapaxes(
-                       ref_state.memory["w"], -1, -2))})
+                       ref_state.memory["w"], -1, -2)),
+                   "grad_rel": max(rel(a, r) for a, r in zip(g, g_ref) if a is not None)})
       print("check", rows[-1], flush=True)
     config = OpConfig(64, "exact", "l2", "after", grad_at_retained=True)  # poisoned outputs
     inp = inputs(jax.random.PRNGKey(3), 2, 256, 4, 128)
@@ -174,10 +179,15 @@ VARIANTS = {  # label: (op, launch options) of our kernel in --bench
     "pallas_titans_bv16": ("titans", {"block_v": 16}),
     "pallas_gdn_bv16": ("gdn", {"block_v": 16}),
     "pallas_titans_bv128_w8": ("titans", {"block_v": 128, "num_warps": 8}),
+    "pallas_gdn_c32": ("gdn_c32", {}),
+    "pallas_gdn_c128": ("gdn_c128", {}),
+    "pallas_titans_c32": ("titans_c32", {}),
 }
 PEERS = ("chunked", "jla")
 BENCH_OPS = {"gdn": OpConfig(64, "exact", "l2", "after", grad_at_retained=True),
              "titans": OpConfig(64, "boundary", "l2", "after", momentum=True)}
+BENCH_OPS.update({f"{op}_c{chunk}": dataclasses.replace(BENCH_OPS[op], chunk=chunk)
+                  for op in BENCH_OPS for chunk in (32, 128)})  # chunk-size variants
 
 
 def stage1_only(config: OpConfig, inp: LevelInputs, **launch):
@@ -255,9 +265,10 @@ def bench(report: dict, repeats: int, shapes, variants: list[str], peers: list[s
                  repeats=repeats)
         except Exception as error:  # a peer failing must not hide our numbers; recorded
           row[f"jla_{impl}_error"] = repr(error)[:300]
-    flops, nbytes = op_cost(b, t, h, d)
     for label in variants:
-      if VARIANTS[label][0] == "gdn":
+      op = VARIANTS[label][0]
+      if op.startswith("gdn"):
+        flops, nbytes = op_cost(b, t, h, d, BENCH_OPS[op].chunk)
         fwd_s = row[f"{label}_fwd_ms"] / 1e3
         row[f"{label}_fwd_tflops"] = flops / fwd_s / 1e12
         row[f"{label}_fwd_gbps"] = nbytes / fwd_s / 1e9

@@ -21,7 +21,10 @@ Pass 2 (one program per chunk, all in parallel, whole ``d_v`` per program walked
     dKm = U dM'ᵀ ;  dgs = ⟨S, dS'⟩ ; dmc = ⟨M, dS'⟩ ; dgm = ⟨M, dM'⟩
 
 so the sequential pass does 4 (6 with momentum) products a chunk and the parallel pass the rest,
-with no partial sums over ``d_v`` blocks.
+with no partial sums over ``d_v`` blocks. The saved states, ``dS', dM'`` and ``dU`` are stored in
+the chunk fields' dtype (bfloat16 for bfloat16 inputs, halving the backward's traffic): pass 2's
+products round them to it anyway, so only the gate gradients' inner products ``⟨S, dS'⟩`` see the
+rounding; the carries stay in the state's dtype.
 
 The same kernel bodies are compiled through Triton on GPU (``backend="triton"``) or Mosaic on TPU
 (``backend="tpu"``: per-chunk scalars in SMEM; pass 2 takes all of ``d_v`` at once);
@@ -94,9 +97,9 @@ def _forward_kernel(*refs, n: int, momentum: bool, save_states: bool, poison: bo
   def body(c, carry):
     s, m = carry
     if save_states:
-      states_ref[c] = s
+      states_ref[c] = s.astype(states_ref.dtype)
       if momentum:
-        mstates_ref[c] = m
+        mstates_ref[c] = m.astype(mstates_ref.dtype)
     s_c = s.astype(cdt)
     u = vu_ref[c].astype(s.dtype) - dot(kw_ref[c], s_c)
     u_c = u.astype(cdt)
@@ -140,7 +143,8 @@ def forward(coeffs: tuple, s0: jax.Array, m0: jax.Array | None, *, block_v: int,
     block_v: ``d_v`` columns per program.
     num_warps: Triton warps per program (ignored on TPU).
     backend: ``"triton"`` (GPU) or ``"tpu"`` (Mosaic TPU); either runs with ``interpret``.
-    save_states: also return the state (and momentum) at each chunk start, for the backward.
+    save_states: also return the state (and momentum) at each chunk start, for the backward,
+      in the fields' dtype.
     poison: write ``y`` and ``s`` into NaN-filled buffers (a check that every element is
       written; the GPU check uses it).
 
@@ -158,9 +162,9 @@ def forward(coeffs: tuple, s0: jax.Array, m0: jax.Array | None, *, block_v: int,
   if momentum:
     out_shape.append(jax.ShapeDtypeStruct(s0.shape, f32))
     out_specs.append(state)
-  if save_states:
+  if save_states:  # at the products' precision: pass 2's products round them to it anyway
     for _ in range(2 if momentum else 1):
-      out_shape.append(jax.ShapeDtypeStruct((batch, heads, n, dk, dv), f32))
+      out_shape.append(jax.ShapeDtypeStruct((batch, heads, n, dk, dv), coeffs[0].dtype))
       out_specs.append(states)
   kernel = functools.partial(_forward_kernel, n=n, momentum=momentum, save_states=save_states,
                               poison=poison)
@@ -198,12 +202,12 @@ def _cotangent_kernel(*refs, n: int, momentum: bool):
   def body(i, carry):
     c = n - 1 - i
     ds, dm = carry  # cotangents of the state after chunk c
-    dstates_ref[c] = ds
+    dstates_ref[c] = ds.astype(dstates_ref.dtype)
     dy, ds_c = dy_ref[c], ds.astype(cdt)
     du = dot(p_ref[c], dy, trans_a=True) + dot(kd_ref[c], ds_c)
     ds_prev = dot(qs_ref[c], dy, trans_a=True) + scalar(gs_ref, c) * ds
     if momentum:
-      dmstates_ref[c] = dm
+      dmstates_ref[c] = dm.astype(dmstates_ref.dtype)
       du = du + dot(km_ref[c], dm.astype(cdt))
       dm = (dot(qm_ref[c], dy, trans_a=True) + scalar(mc_ref, c) * ds
             + scalar(gm_ref, c) * dm)
@@ -263,16 +267,16 @@ def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: ja
     dy: ``[B, H, N, C, d_v]`` (in the chunk fields' dtype); ds_end, dm_end: ``[B, H, d_k, d_v]``.
 
   Returns:
-    a dict of the fields' cotangents (``vu, kw, qs, p, kd, gs`` and ``qm, km, mc, gm``; ``vu``
-    and the scalars in the state's dtype, the other tiles in the fields' dtype) and
+    a dict of the fields' cotangents (``vu, kw, qs, p, kd, gs`` and ``qm, km, mc, gm``; the
+    scalars in the state's dtype, the tiles in the fields' dtype) and
     ``s0``/``m0`` (cotangents of the initial state and momentum).
   """
   momentum = mstates is not None
   (batch, heads, n, c, dk, dv), grid = _grid(coeffs, ds_end, block_v)
   fields, vals, state, states_spec = _specs(n, c, dk, block_v, momentum, backend)
-  f32 = ds_end.dtype
-  chunk_states = jax.ShapeDtypeStruct((batch, heads, n, dk, dv), f32)
-  out_shape = [jax.ShapeDtypeStruct((batch, heads, n, c, dv), f32), chunk_states,
+  f32, cdt = ds_end.dtype, coeffs[0].dtype
+  chunk_states = jax.ShapeDtypeStruct((batch, heads, n, dk, dv), cdt)
+  out_shape = [jax.ShapeDtypeStruct((batch, heads, n, c, dv), cdt), chunk_states,
                jax.ShapeDtypeStruct(ds_end.shape, f32)]
   out_specs = [vals, states_spec, state]
   if momentum:
@@ -298,7 +302,7 @@ def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: ja
   shapes = {"p": (c, c), "gs": (1, dk), "mc": (1, dk), "gm": (1, dk)}
   dtypes = {"gs": f32, "mc": f32, "gm": f32}  # tiles in the fields' dtype, as the caller casts
   out_shape = [jax.ShapeDtypeStruct((batch, heads, n) + shapes.get(k, (c, dk)),
-                                    dtypes.get(k, coeffs[0].dtype)) for k in names]
+                                    dtypes.get(k, cdt)) for k in names]
   out_specs = [one(*shapes.get(k, (c, dk))) for k in names]
   kernel = functools.partial(_gradient_kernel, momentum=momentum,
                              block_v=dv if backend == "tpu" else min(dv, GRADIENT_COLUMNS))

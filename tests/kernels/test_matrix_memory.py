@@ -177,15 +177,22 @@ def test_bfloat16_inputs_relative_error(momentum):
   low = inputs._replace(k=inputs.k.astype(jnp.bfloat16), v=inputs.v.astype(jnp.bfloat16),
                         q=inputs.q.astype(jnp.bfloat16))
   s0 = jnp.zeros((2, 2, 32, 32))
-  y, s, _ = matrix_memory(config, *low, s0, s0 if momentum else None, interpret=True)
+  op = lambda i: matrix_memory(config, *i, s0, s0 if momentum else None, interpret=True)
+  y, s, _ = op(low)
   assert y.dtype == jnp.bfloat16
   up = jax.tree.map(lambda x: x.astype(jnp.float32), low)
+  zero = level.init_state({"w": jnp.zeros((2, 32, 32))}, 2)
+  dy = jax.random.normal(jax.random.PRNGKey(5), y.shape)
   with jax.default_matmul_precision("highest"):
-    want_state, want_y = run_reference(level, level.init_state({"w": jnp.zeros((2, 32, 32))}, 2),
-                                       up)
+    want_state, want_y = run_reference(level, zero, up)
+    # the backward keeps its saved states in bfloat16 here: gradients stay within bf16 error
+    grads = jax.grad(lambda i: jnp.sum(op(i)[0].astype(jnp.float32) * dy))(low)
+    want_grads = jax.grad(lambda i: jnp.sum(run_reference(level, zero, i)[1] * dy))(up)
   rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
   assert rel(y, want_y) < 1e-2
   assert rel(s, jnp.swapaxes(want_state.memory["w"], -1, -2)) < 1e-2
+  for name in ("k", "v", "q", "eta", "alpha"):
+    assert rel(getattr(grads, name), getattr(want_grads, name)) < 1e-2, name
 
 
 def test_every_output_element_is_written():
