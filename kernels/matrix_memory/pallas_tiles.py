@@ -15,8 +15,10 @@ queries read straight from the ``[B, T, H, ·]`` inputs) the kernels compute
 ``T_ij = -D_i Σ_{j<=m<i} N_im T_mj``; every product is a small matrix-unit tile and nothing of
 size ``C × C`` is live at once. The forward and backward kernels take their own block and warp
 counts (:data:`FORWARD`, :data:`BACKWARD`: the fastest measured on an H100 at chunk 64, head
-dim 128; BENCHMARKS.md). The backward kernel recomputes ``T`` and applies
-hand-derived rules (``X̄`` is the cotangent of ``X``)::
+dim 128; BENCHMARKS.md). When differentiated, the forward also saves each chunk's ``T`` and
+``E ⊙ G`` (``[C, C]`` in the scalars' dtype, the values it computed), so the backward kernel
+loads them instead of redoing the inverse and the Gram products, and applies hand-derived rules
+(``X̄`` is the cotangent of ``X``)::
 
     x̄ = Tᵀ Ȳ for each Y = T x ;  T̄ = Σ Ȳ xᵀ (lower blocks) ;  N̄ = -Tᵀ T̄ Tᵀ (strictly lower)
     N = b ⊙ E ⊙ G (E_ti = exp(lp_t - lg_i), G = K Kᵀ):  Ḡ = N̄ ⊙ b E ;  K̄ += Ḡ K + Ḡᵀ K ;
@@ -59,7 +61,7 @@ class TileShape(NamedTuple):
 
 
 FORWARD = TileShape(16, 4)
-BACKWARD = TileShape(32, 8)
+BACKWARD = TileShape(64, 8)
 
 
 def row_block(i: int, block: int) -> pl.Slice:
@@ -72,12 +74,20 @@ def store_blocks(ref, blocks: list[jax.Array]) -> None:
     ref[row_block(i, block)] = x.astype(ref.dtype)
 
 
+def _tile_count(form: ReadForm) -> int:
+  """How many of :data:`TILES` the form writes (``ka`` for anchored writes only)."""
+  return len(TILES) if form.anchored else len(TILES) - 1
+
+
 class _Chunk:
   """One chunk of one program: block loads of its inputs (read from the refs where used, so
-  that little stays live in registers), ``N`` and ``T`` (lower blocks ``[i, j]``, ``j <= i``).
+  that little stays live in registers) and lower blocks ``[i, j]`` (``j <= i``) of ``T`` and of
+  ``E ⊙ G`` (``N = b ⊙ E ⊙ G``): computed, or loaded from the forward's ``saved`` ``[C, C]``
+  refs ``(T, E ⊙ G)``.
   """
 
-  def __init__(self, k_ref, v_ref, q_ref, scalar_refs, block: int, form: ReadForm):
+  def __init__(self, k_ref, v_ref, q_ref, scalar_refs, block: int, form: ReadForm,
+               saved: Sequence = ()):
     self.refs, self.cdt, self.form = (k_ref, v_ref, q_ref), k_ref.dtype, form
     self.block, self.nb = block, k_ref.shape[0] // block
     nb = self.nb
@@ -87,15 +97,19 @@ class _Chunk:
     cols = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
     self.lower = {True: rows > cols, False: rows >= cols}  # diagonal blocks, by strictness
     self.lower_pairs = [(i, j) for i in range(nb) for j in range(i + 1)]
-    self.n = {ij: self.sc("b", ij[0])[:, None] * self.e(ij) * self.gram(ij)
-              for ij in self.lower_pairs}
-    self.t = {}
+    if saved:
+      load = lambda ref: lambda i, j: ref[self.rows(i), self.rows(j)].astype(self.wide)
+      self.t, self.eg = load(saved[0]), load(saved[1])
+      return
+    eg = {ij: self.e(ij) * self.gram(ij) for ij in self.lower_pairs}
+    n = lambda i, j: self.sc("b", i)[:, None] * eg[i, j]
+    t = {}
     for i in range(nb):
-      d = blocked_inverse(self.n[i, i])
-      self.t[i, i] = d
+      d = blocked_inverse(n(i, i))
+      t[i, i] = d
       for j in range(i):
-        acc = sum(jnp.dot(self.n[i, m], self.t[m, j]) for m in range(j, i))
-        self.t[i, j] = -jnp.dot(d, acc)
+        t[i, j] = -jnp.dot(d, sum(jnp.dot(n(i, m), t[m, j]) for m in range(j, i)))
+    self.t, self.eg = lambda i, j: t[i, j], lambda i, j: eg[i, j]
 
   def rows(self, i: int) -> pl.Slice:
     return row_block(i, self.block)
@@ -145,20 +159,25 @@ class _Chunk:
 
   def apply(self, x: Callable[[int], jax.Array]) -> list[jax.Array]:
     """``T x`` for a loader ``x`` of 16-row blocks."""
-    return [sum(dot(self.t[i, j], x(j), dtype=self.cdt) for j in range(i + 1))
+    return [sum(dot(self.t(i, j), x(j), dtype=self.cdt) for j in range(i + 1))
             for i in range(self.nb)]
 
   def apply_t(self, y: Callable[[int], jax.Array]) -> list[jax.Array]:
     """``Tᵀ y`` for a loader ``y`` of 16-row blocks."""
-    return [sum(dot(self.t[i, j], y(i), trans_a=True, dtype=self.cdt)
+    return [sum(dot(self.t(i, j), y(i), trans_a=True, dtype=self.cdt)
                 for i in range(j, self.nb)) for j in range(self.nb)]
 
 
 def _forward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
-  n_sc = len(ChunkScalars._fields)
-  scalar_refs, out = refs[:n_sc], dict(zip(TILES, refs[n_sc:]))
+  n_sc, n_tiles = len(ChunkScalars._fields), _tile_count(form)
+  scalar_refs, out = refs[:n_sc], dict(zip(TILES, refs[n_sc:n_sc + n_tiles]))
   c = _Chunk(k_ref, v_ref, q_ref, scalar_refs, block, form)
   nb, at = c.nb, c.rows
+  for ref, get in zip(refs[n_sc + n_tiles:], (c.t, c.eg)):  # saved for the backward
+    for i in range(nb):
+      for j in range(nb):
+        ref[at(i), at(j)] = (get(i, j) if j <= i else jnp.zeros((block, block), c.wide)
+                             ).astype(ref.dtype)
   for i in range(nb):  # the reads first: queries are not needed after them
     out["qs"][at(i)] = (c.sc("read", i)[:, None] * c.q(i).astype(c.wide)).astype(
         out["qs"].dtype)
@@ -176,10 +195,10 @@ def _forward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
 def _backward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
   n_sc = len(ChunkScalars._fields)
   scalar_refs, refs = refs[:n_sc], refs[n_sc:]
-  n_cot = len(TILES) if form.anchored else len(TILES) - 1
-  cots = dict(zip(TILES, refs[:n_cot]))
-  (dk_ref, dv_ref, dq_ref), dsc_refs = refs[n_cot:n_cot + 3], refs[n_cot + 3:]
-  c = _Chunk(k_ref, v_ref, q_ref, scalar_refs, block, form)
+  n_cot = _tile_count(form)
+  cots, saved, refs = dict(zip(TILES, refs[:n_cot])), refs[n_cot:n_cot + 2], refs[n_cot + 2:]
+  (dk_ref, dv_ref, dq_ref), dsc_refs = refs[:3], refs[3:]
+  c = _Chunk(k_ref, v_ref, q_ref, scalar_refs, block, form, saved)
   cdt, wide, nb, at = c.cdt, c.wide, c.nb, c.rows
   cot = lambda name: lambda i: cots[name][at(i)]
   rowdot = lambda a, b: jnp.sum(a.astype(wide) * b.astype(wide), axis=1)
@@ -208,19 +227,18 @@ def _backward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
   products = c.products()
   dt = {(i, j): sum(dot(cots[name][at(i)], c.scaled(w, rows, j), trans_b=True, dtype=cdt)
                     for name, w, rows in products) for i, j in c.lower_pairs}
-  tdt = {(i, b): sum(dot(c.t[m, i], dt[m, b], trans_a=True) for m in range(i, nb))
+  tdt = {(i, b): sum(dot(c.t(m, i), dt[m, b], trans_a=True) for m in range(i, nb))
          for i, b in c.lower_pairs}  # Tᵀ T̄ on the blocks N̄ needs
   for i, j in c.lower_pairs:
-    dn = -sum(dot(tdt[i, b], c.t[j, b], trans_b=True) for b in range(j + 1))
+    dn = -sum(dot(tdt[i, b], c.t(j, b), trans_b=True) for b in range(j + 1))
     if i == j:
       dn = jnp.where(c.lower[True], dn, 0.0)
-    e = c.e((i, j))
-    z = dn * e * c.gram((i, j))
+    z = dn * c.eg(i, j)
     row, b_i = jnp.sum(z, axis=1), c.sc("b", i)
     add("b", i, row)
     add("log_prev", i, b_i * row)
     add("log_g", j, -jnp.sum(b_i[:, None] * z, axis=0))
-    dg = dn * b_i[:, None] * e
+    dg = dn * b_i[:, None] * c.e((i, j))
     dk[i] = dk[i] + dot(dg, c.k(j), dtype=cdt)
     dk[j] = dk[j] + dot(dg, c.k(i), trans_a=True, dtype=cdt)
   for name, weight, rows in products:
@@ -250,13 +268,20 @@ def _widths(form: ReadForm, size: int, dk: int, dv: int) -> tuple[int, ...]:
 
 class TileKernels(NamedTuple):
   """A forward and a backward tiles kernel (bodies ``(k_ref, v_ref, q_ref, *refs, block,
-  form)``), the widths of the tiles they write (``widths(form, size, d_k, d_v)``) and the name
-  their launches take (``_fwd``/``_bwd`` appended)."""
+  form)``), the widths of the tiles they write (``widths(form, size, d_k, d_v)``), the name
+  their launches take (``_fwd``/``_bwd`` appended) and how many ``[C, C]`` matrices (in the
+  scalars' dtype) the forward saves for the backward when differentiated.
+
+  The forward's refs are the scalars, the tiles, then the saved matrices (none when not
+  differentiated); the backward's are the scalars, the tiles' cotangents, the saved matrices,
+  then the cotangents of ``k, v, q`` and the scalars.
+  """
 
   forward: Callable
   backward: Callable
   widths: Callable[[ReadForm, int, int, int], Sequence[int]]
   name: str
+  saved: int = 0
 
 
 _STATIC = ("kernels", "size", "form", "shape", "interpret", "backend")
@@ -267,23 +292,27 @@ def _scalar_specs(scalars, scalar: pl.BlockSpec, tile: Callable) -> list[pl.Bloc
   return [scalar if x.ndim == 4 else tile(x.shape[-1]) for x in scalars]
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _forward(k, v, q, scalars, *, kernels, size, form, shape, interpret, backend):
+@functools.partial(jax.jit, static_argnames=_STATIC + ("save",))
+def _forward(k, v, q, scalars, *, kernels, size, form, shape, interpret, backend, save):
   batch, t, heads, dk = k.shape
   dv, n = v.shape[-1], t // size
   keys, vals, scalar, tile = block_specs(size, dk, dv)
   widths = kernels.widths(form, size, dk, dv)
   out_shape = [jax.ShapeDtypeStruct((batch, heads, n, size, w), k.dtype) for w in widths]
+  wide = jnp.promote_types(scalars[0].dtype, jnp.float32)
+  saved = kernels.saved if save else 0
+  out_shape += [jax.ShapeDtypeStruct((batch, heads, n, size, size), wide)] * saved
   kernel = functools.partial(kernels.forward, block=shape.block, form=form)
   return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch, heads, n),
                         in_specs=[keys, vals, keys] + _scalar_specs(scalars, scalar, tile),
-                        out_specs=[tile(w) for w in widths],
+                        out_specs=[tile(w) for w in widths] + [tile(size)] * saved,
                         compiler_params=compiler_params(backend, shape.num_warps),
                         interpret=interpret, name=f"{kernels.name}_fwd")(k, v, q, *scalars)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _backward(k, v, q, scalars, cotangents, *, kernels, size, form, shape, interpret, backend):
+def _backward(k, v, q, scalars, saved, cotangents, *, kernels, size, form, shape, interpret,
+              backend):
   batch, t, heads, dk = k.shape
   dv, n = v.shape[-1], t // size
   keys, vals, scalar, tile = block_specs(size, dk, dv)
@@ -292,31 +321,33 @@ def _backward(k, v, q, scalars, cotangents, *, kernels, size, form, shape, inter
   kernel = functools.partial(kernels.backward, block=shape.block, form=form)
   tiles = [tile(w) for w in kernels.widths(form, size, dk, dv)]
   return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch, heads, n),
-                        in_specs=[keys, vals, keys] + specs + tiles,
+                        in_specs=[keys, vals, keys] + specs + tiles + [tile(size)] * len(saved),
                         out_specs=[keys, vals, keys] + specs,
                         compiler_params=compiler_params(backend, shape.num_warps),
                         interpret=interpret, name=f"{kernels.name}_bwd")(
-                            k, v, q, *scalars, *cotangents)
+                            k, v, q, *scalars, *cotangents, *saved)
 
 
 def fit_shapes(size: int, forward: TileShape | None = None, backward: TileShape | None = None
                ) -> tuple[TileShape, TileShape]:
-  """The tiles kernels' shapes for chunk ``size``: a given shape is checked (its block a
-  multiple of 16 dividing ``size``, warps a power of two), a default (:data:`FORWARD`,
-  :data:`BACKWARD`) takes the largest multiple of 16 up to its block that divides ``size``."""
+  """The tiles kernels' shapes for chunk ``size``: a given shape is checked (its block a power
+  of two of at least 16 dividing ``size``, as Triton's blocks must be; warps a power of two), a
+  default (:data:`FORWARD`, :data:`BACKWARD`) takes the largest such block up to its own."""
   if size % 16:
     raise ValueError(f"the stage-1 kernels need chunk % 16 == 0, got chunk={size}")
+  power_of_two = lambda x: x >= 1 and not x & (x - 1)
   out = []
   for name, given, default in (("forward", forward, FORWARD), ("backward", backward, BACKWARD)):
     if given is None:
-      block = max(b for b in range(16, min(default.block, size) + 1, 16) if size % b == 0)
+      block = max(b for b in range(16, min(default.block, size) + 1, 16)
+                  if size % b == 0 and power_of_two(b))
       out.append(default._replace(block=block))
       continue
     given = TileShape(*given)
-    if given.block % 16 or size % given.block or given.block < 16:
-      raise ValueError(f"tiles {name} block={given.block} must be a multiple of 16 dividing the "
-                       f"chunk {size}")
-    if given.num_warps < 1 or given.num_warps & (given.num_warps - 1):
+    if given.block < 16 or size % given.block or not power_of_two(given.block):
+      raise ValueError(f"tiles {name} block={given.block} must be a power of two, at least 16, "
+                       f"dividing the chunk {size}")
+    if not power_of_two(given.num_warps):
       raise ValueError(f"tiles {name} num_warps={given.num_warps} must be a power of two")
     out.append(given)
   return out[0], out[1]
@@ -329,18 +360,24 @@ def differentiable_tiles(kernels: TileKernels, scalars_type: type) -> Callable:
   forward = functools.partial(_forward, kernels=kernels)
   backward = functools.partial(_backward, kernels=kernels)
 
+  def launch(size, form, shapes, interpret, backend, k, v, q, scalars, save):
+    return tuple(forward(k, v, q, scalars, size=size, form=form, shape=shapes[0],
+                         interpret=interpret, backend=backend, save=save))
+
   @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
   def tiles(size, form, shapes, interpret, backend, k, v, q, scalars):
-    return tuple(forward(k, v, q, scalars, size=size, form=form, shape=shapes[0],
-                         interpret=interpret, backend=backend))
+    return launch(size, form, shapes, interpret, backend, k, v, q, scalars, False)
 
   def tiles_fwd(size, form, shapes, interpret, backend, k, v, q, scalars):
-    return tiles(size, form, shapes, interpret, backend, k, v, q, scalars), (k, v, q, scalars)
+    out = launch(size, form, shapes, interpret, backend, k, v, q, scalars, True)
+    split = len(out) - kernels.saved
+    return out[:split], (k, v, q, scalars, out[split:])
 
   def tiles_bwd(size, form, shapes, interpret, backend, residuals, cotangents):
-    k, v, q, scalars = residuals
-    dk, dv, dq, *dscalars = backward(k, v, q, scalars, tuple(cotangents), size=size, form=form,
-                                     shape=shapes[1], interpret=interpret, backend=backend)
+    k, v, q, scalars, saved = residuals
+    dk, dv, dq, *dscalars = backward(k, v, q, scalars, saved, tuple(cotangents), size=size,
+                                     form=form, shape=shapes[1], interpret=interpret,
+                                     backend=backend)
     return dk, dv, dq, scalars_type(*dscalars)
 
   tiles.defvjp(tiles_fwd, tiles_bwd)
@@ -354,7 +391,7 @@ def differentiable_tiles(kernels: TileKernels, scalars_type: type) -> Callable:
   return run
 
 
-WY = TileKernels(_forward_kernel, _backward_kernel, _widths, "matrix_memory_tiles")
+WY = TileKernels(_forward_kernel, _backward_kernel, _widths, "matrix_memory_tiles", saved=2)
 _tiles = differentiable_tiles(WY, ChunkScalars)
 
 

@@ -457,14 +457,19 @@ def test_momentum_stage1_kernels_equal_plain_jax(chunk, form, shapes):
 
 
 def test_stage1_tile_shapes():
-  """Defaults fit the chunk (the largest multiple of 16 up to the measured block that divides
-  it); given shapes that do not fit raise, naming the kernel and the rule."""
-  assert fit_shapes(64) == (TileShape(16, 4), TileShape(32, 8))
+  """Defaults fit the chunk (the largest power of two from 16 up to the measured block that
+  divides it); given shapes that do not fit raise, naming the kernel and the rule."""
+  assert fit_shapes(64) == (TileShape(16, 4), TileShape(64, 8))
+  assert fit_shapes(128) == (TileShape(16, 4), TileShape(64, 8))
+  assert fit_shapes(32) == (TileShape(16, 4), TileShape(32, 8))
   assert fit_shapes(48) == (TileShape(16, 4), TileShape(16, 8))
   assert fit_shapes(16) == (TileShape(16, 4), TileShape(16, 8))
-  assert fit_shapes(64, (64, 2)) == (TileShape(64, 2), TileShape(32, 8))
-  with pytest.raises(ValueError, match="backward block=32 must be a multiple of 16 dividing"):
+  assert fit_shapes(64, (64, 2)) == (TileShape(64, 2), TileShape(64, 8))
+  with pytest.raises(ValueError, match="backward block=32 must be a power of two, at least 16, "
+                                       "dividing the chunk 48"):
     fit_shapes(48, None, (32, 4))
+  with pytest.raises(ValueError, match="forward block=48 must be a power of two"):
+    fit_shapes(96, (48, 4))
   with pytest.raises(ValueError, match="forward block=24"):
     fit_shapes(48, (24, 4))
   with pytest.raises(ValueError, match="forward num_warps=3 must be a power of two"):
