@@ -28,7 +28,7 @@ from nlj_kernels.matrix_memory.pallas_tiles import TileShape
 from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, prepare
 from nlj_kernels.matrix_memory.recurrence import chunk_recurrence
 
-__all__ = ["run_level", "matrix_memory", "Launch", "launch_options", "STAGE1"]
+__all__ = ["run_level", "matrix_memory", "Launch", "launch_options", "default_block_v", "STAGE1"]
 
 
 class Launch(NamedTuple):
@@ -56,7 +56,7 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
 
   Args:
     block_v: ``d_v`` columns per program of the sequential kernels (the forward and the
-      backward's first pass; default ``min(d_v, 64)``).
+      backward's first pass); default :func:`default_block_v`.
     num_warps: Triton warps per program of the recurrence kernels.
     interpret: run the kernels in interpret mode; default: unless JAX runs on the device the
       backend compiles for.
@@ -80,8 +80,24 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
   return Launch(block_v, num_warps, interpret, backend, stage1, inverse, *tiles)
 
 
-def _block_v(d_v: int, block_v: int | None) -> int:
-  block = block_v or min(d_v, 64)
+SEQUENTIAL_PROGRAMS = 128  # about one per streaming multiprocessor of an H100 (132)
+
+
+def default_block_v(batch: int, heads: int, d_v: int) -> int:
+  """``min(d_v, 64)``, halved down to 32 while the sequential kernels would run fewer than
+  :data:`SEQUENTIAL_PROGRAMS` programs (``batch · heads · d_v / block_v``): at batch 1 and 2 of
+  16 heads, d_v 128, block 32 was faster on an H100 for Gated DeltaNet and Titans' momentum
+  (BENCHMARKS.md, tenth session)."""
+  block = min(d_v, 64)
+  while block > 32 and batch * heads * (d_v // block) < SEQUENTIAL_PROGRAMS:
+    block //= 2
+  return block
+
+
+def _block_v(s0: jax.Array, block_v: int | None) -> int:
+  """The sequential kernels' block for state ``s0 [B, H, d_k, d_v]``: given, or the default."""
+  batch, heads, _, d_v = s0.shape
+  block = block_v or default_block_v(batch, heads, d_v)
   if d_v % block:
     raise ValueError(f"block_v={block} must divide d_v={d_v}")
   return block
@@ -98,7 +114,7 @@ def _kernel_fields(coeffs: ChunkCoefficients, dtype) -> tuple:
 
 def _recur(coeffs: ChunkCoefficients, s0, m0, dtype, launch: Launch):
   fields = _kernel_fields(coeffs, dtype)
-  block = _block_v(s0.shape[-1], launch.block_v)
+  block = _block_v(s0, launch.block_v)
   return chunk_recurrence(fields, s0, m0, block, launch.num_warps, launch.interpret,
                           launch.backend)
 

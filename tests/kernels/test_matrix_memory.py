@@ -24,6 +24,7 @@ from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.pallas_tiles import (TileShape, fit_shapes,
                                                      tiles_pallas)
 from nlj_kernels.matrix_memory.pallas_tiles_momentum import momentum_tiles_pallas
+from nlj_kernels.matrix_memory.runner import default_block_v
 from nlj_kernels.matrix_memory.prepare import (ChunkScalars, MomentumScalars, ReadForm,
                                                chunk_tiles, momentum_tiles, prepare, to_chunks)
 from tests.core.helpers import max_diff, random_inputs, slice_inputs
@@ -454,6 +455,17 @@ def test_momentum_stage1_kernels_equal_plain_jax(chunk, form, shapes):
     kernel = lambda k, v, q, s: momentum_tiles_pallas(form, k, v, q, s, chunk, forward=forward,
                                                       backward=backward, interpret=True)
     _assert_tiles_and_grads_equal(kernel, reference, k, v, q, scalars)
+
+
+def test_default_block_v_keeps_the_sequential_kernels_busy():
+  """64 columns where batch · heads · d_v / 64 >= 128 programs, else 32; never above d_v."""
+  assert default_block_v(8, 16, 128) == 64
+  assert default_block_v(4, 16, 128) == 64
+  assert default_block_v(2, 16, 128) == 32
+  assert default_block_v(1, 16, 128) == 32
+  assert default_block_v(1, 1, 256) == 32
+  assert default_block_v(1, 2, 16) == 16
+  assert default_block_v(64, 2, 32) == 32
 
 
 def test_stage1_tile_shapes():
