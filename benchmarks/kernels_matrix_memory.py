@@ -5,14 +5,16 @@
 ``--check``: relative errors ``‖out − ref‖/‖ref‖`` of the Pallas kernel against the token-by-token
 reference (float32, highest matmul precision) for the covered rules, head dims 64/128/256,
 lengths the chunk does not divide and batch 1; gradients (head dims 64 and 128) against
-``jax.vjp`` of the reference; bfloat16 inputs; and a poisoned-output run (every element of ``y``
-and ``S`` written).
+``jax.vjp`` of the reference; bfloat16 inputs (values and gradients against the reference on
+the same values in float32); and a poisoned-output run (every element of ``y`` and ``S``
+written).
 
 ``--bench``: forward and forward+backward milliseconds (median of ``--repeats``) at
 B×T×H×D ∈ {8×2048, 4×4096, 2×8192, 1×16384} × 16 × 128 with bfloat16 inputs, for the kernel
 (Gated DeltaNet semantics with the op's default stage 1 -- the Pallas tiles kernels on a GPU --
 and with the plain-JAX stage 1, and Titans' linear memory with momentum), the chunked JAX form
-of the same level (float32, as ``Level.run`` computes), and jax-linear-attention's Gated DeltaNet
+of the same level (float32, as ``Level.run`` computes; launch, tile-shape and chunk-size variants
+of :data:`VARIANTS` by ``--variants``), and jax-linear-attention's Gated DeltaNet
 (Pallas Mosaic GPU and plain JAX) when ``jla`` is importable. Ceilings (bf16 matmul TFLOP/s,
 device copy GB/s) are measured in the same run. Prints a table and writes JSON.
 """
