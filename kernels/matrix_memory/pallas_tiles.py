@@ -60,7 +60,7 @@ class TileShape(NamedTuple):
   num_warps: int
 
 
-FORWARD = TileShape(16, 4)
+FORWARD = TileShape(64, 4)
 BACKWARD = TileShape(64, 8)
 
 
@@ -158,12 +158,12 @@ class _Chunk:
     return (self.sc(weight, i)[:, None] * rows(i).astype(self.wide)).astype(self.cdt)
 
   def apply(self, x: Callable[[int], jax.Array]) -> list[jax.Array]:
-    """``T x`` for a loader ``x`` of 16-row blocks."""
+    """``T x`` for a loader ``x`` of row blocks."""
     return [sum(dot(self.t(i, j), x(j), dtype=self.cdt) for j in range(i + 1))
             for i in range(self.nb)]
 
   def apply_t(self, y: Callable[[int], jax.Array]) -> list[jax.Array]:
-    """``Tᵀ y`` for a loader ``y`` of 16-row blocks."""
+    """``Tᵀ y`` for a loader ``y`` of row blocks."""
     return [sum(dot(self.t(i, j), y(i), trans_a=True, dtype=self.cdt)
                 for i in range(j, self.nb)) for j in range(self.nb)]
 

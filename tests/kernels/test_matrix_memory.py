@@ -401,7 +401,8 @@ def _per_chunk(one, chunk: int):
 @pytest.mark.parametrize("chunk,form,shapes", [
     (32, (False, False, False), None), (64, (True, True, False), None),
     (128, (False, False, False), None), (32, (True, True, True), None),
-    (48, (False, False, False), None), (64, (True, True, False), ((64, 4), (16, 2)))])
+    (48, (False, False, False), None), (64, (True, True, False), ((64, 4), (16, 2))),
+    (64, (False, False, False), ((16, 4), None))])
 def test_stage1_kernels_equal_plain_jax(chunk, form, shapes):
   """The tiles of the Pallas stage 1 (row blocks of the default or given sizes, hand-derived
   backward) against :func:`chunk_tiles` with a triangular solve, values and every input's
@@ -471,9 +472,9 @@ def test_default_block_v_keeps_the_sequential_kernels_busy():
 def test_stage1_tile_shapes():
   """Defaults fit the chunk (the largest power of two from 16 up to the measured block that
   divides it); given shapes that do not fit raise, naming the kernel and the rule."""
-  assert fit_shapes(64) == (TileShape(16, 4), TileShape(64, 8))
-  assert fit_shapes(128) == (TileShape(16, 4), TileShape(64, 8))
-  assert fit_shapes(32) == (TileShape(16, 4), TileShape(32, 8))
+  assert fit_shapes(64) == (TileShape(64, 4), TileShape(64, 8))
+  assert fit_shapes(128) == (TileShape(64, 4), TileShape(64, 8))
+  assert fit_shapes(32) == (TileShape(32, 4), TileShape(32, 8))
   assert fit_shapes(48) == (TileShape(16, 4), TileShape(16, 8))
   assert fit_shapes(16) == (TileShape(16, 4), TileShape(16, 8))
   assert fit_shapes(64, (64, 2)) == (TileShape(64, 2), TileShape(64, 8))
