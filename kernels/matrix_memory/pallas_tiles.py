@@ -16,7 +16,9 @@ queries read straight from the ``[B, T, H, ·]`` inputs) the kernels compute
 size ``C × C`` is live at once. The forward and backward kernels take their own block and warp
 counts (:data:`FORWARD`, :data:`BACKWARD`: the fastest measured on an H100 at chunk 64, head
 dim 128; BENCHMARKS.md). When differentiated, the forward also saves each chunk's ``T`` and
-``E ⊙ G`` (``[C, C]`` in the scalars' dtype, the values it computed), so the backward kernel
+``E ⊙ G`` (``[C, C]``: in the products' dtype when narrower than float32, as the forward's
+products round ``T`` to it and ``E ⊙ G`` only feeds the gradients of the gates and steps; else
+in the scalars' dtype, the values it computed), so the backward kernel
 loads them instead of redoing the inverse and the Gram products, and applies hand-derived rules
 (``X̄`` is the cotangent of ``X``)::
 
@@ -47,8 +49,8 @@ from nlj_kernels.backends import compiler_params
 from nlj_kernels.matrix_memory.prepare import ChunkScalars, ReadForm
 from nlj_kernels.products import dot
 
-__all__ = ["tiles_pallas", "differentiable_tiles", "TileKernels", "fit_shapes", "row_block",
-           "store_blocks", "TileShape", "FORWARD", "BACKWARD", "TILES", "WY"]
+__all__ = ["tiles_pallas", "differentiable_tiles", "TileKernels", "fit_shapes", "saved_dtype",
+           "row_block", "store_blocks", "TileShape", "FORWARD", "BACKWARD", "TILES", "WY"]
 
 TILES = ("kw", "vu", "qs", "p", "kd", "ka")  # outputs in this order (ka for anchored writes)
 
@@ -269,8 +271,8 @@ def _widths(form: ReadForm, size: int, dk: int, dv: int) -> tuple[int, ...]:
 class TileKernels(NamedTuple):
   """A forward and a backward tiles kernel (bodies ``(k_ref, v_ref, q_ref, *refs, block,
   form)``), the widths of the tiles they write (``widths(form, size, d_k, d_v)``), the name
-  their launches take (``_fwd``/``_bwd`` appended) and how many ``[C, C]`` matrices (in the
-  scalars' dtype) the forward saves for the backward when differentiated.
+  their launches take (``_fwd``/``_bwd`` appended) and how many ``[C, C]`` matrices (in
+  :func:`saved_dtype`) the forward saves for the backward when differentiated.
 
   The forward's refs are the scalars, the tiles, then the saved matrices (none when not
   differentiated); the backward's are the scalars, the tiles' cotangents, the saved matrices,
@@ -287,6 +289,13 @@ class TileKernels(NamedTuple):
 _STATIC = ("kernels", "size", "form", "shape", "interpret", "backend")
 
 
+def saved_dtype(products, scalars) -> jnp.dtype:
+  """The dtype of the saved ``[C, C]`` matrices: the products' when narrower than float32
+  (the forward's products already round ``T`` to it), else the scalars' (float32 or wider)."""
+  wide = jnp.promote_types(scalars[0].dtype, jnp.float32)
+  return jnp.dtype(products) if jnp.dtype(products).itemsize < 4 else wide
+
+
 def _scalar_specs(scalars, scalar: pl.BlockSpec, tile: Callable) -> list[pl.BlockSpec]:
   """Per-token ``[B, H, N, C]`` scalars by chunk; ``[B, H, N, C, C]`` matrices by chunk."""
   return [scalar if x.ndim == 4 else tile(x.shape[-1]) for x in scalars]
@@ -299,9 +308,9 @@ def _forward(k, v, q, scalars, *, kernels, size, form, shape, interpret, backend
   keys, vals, scalar, tile = block_specs(size, dk, dv)
   widths = kernels.widths(form, size, dk, dv)
   out_shape = [jax.ShapeDtypeStruct((batch, heads, n, size, w), k.dtype) for w in widths]
-  wide = jnp.promote_types(scalars[0].dtype, jnp.float32)
   saved = kernels.saved if save else 0
-  out_shape += [jax.ShapeDtypeStruct((batch, heads, n, size, size), wide)] * saved
+  out_shape += [jax.ShapeDtypeStruct((batch, heads, n, size, size), saved_dtype(k.dtype,
+                                                                              scalars))] * saved
   kernel = functools.partial(kernels.forward, block=shape.block, form=form)
   return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch, heads, n),
                         in_specs=[keys, vals, keys] + _scalar_specs(scalars, scalar, tile),

@@ -169,8 +169,12 @@ def test_check_grads_through_the_kernels(momentum):
                 modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("momentum", [False, True])
-def test_bfloat16_inputs_relative_error(momentum):
+@pytest.mark.parametrize("momentum,stage1", [(False, "jax"), (True, "jax"), (False, "pallas"),
+                                             (True, "pallas")])
+def test_bfloat16_inputs_relative_error(momentum, stage1):
+  """bf16 keys, values and queries through either stage 1 (the Pallas tiles save ``T`` and
+  ``E ⊙ G`` in bf16 then): outputs, state and gradients within bf16 error of the float32
+  reference."""
   config = OpConfig(16, "boundary" if momentum else "exact", "l2", "after", momentum=momentum,
                     grad_at_retained=not momentum)
   level = make_level("titans_momentum" if momentum else "gated_deltanet", 32, 32)
@@ -178,7 +182,8 @@ def test_bfloat16_inputs_relative_error(momentum):
   low = inputs._replace(k=inputs.k.astype(jnp.bfloat16), v=inputs.v.astype(jnp.bfloat16),
                         q=inputs.q.astype(jnp.bfloat16))
   s0 = jnp.zeros((2, 2, 32, 32))
-  op = lambda i: matrix_memory(config, *i, s0, s0 if momentum else None, interpret=True)
+  op = lambda i: matrix_memory(config, *i, s0, s0 if momentum else None, interpret=True,
+                               stage1=stage1)
   y, s, _ = op(low)
   assert y.dtype == jnp.bfloat16
   up = jax.tree.map(lambda x: x.astype(jnp.float32), low)
