@@ -25,8 +25,11 @@ whose sides are powers of two of at least 16 (Triton's ``dot``): the runner zero
 dimension to such a size (``d_out = 1`` of self-modifying Titans' η/α memories becomes 16) and
 each chunk with no-op tokens, both exact (``σ(0) = 0`` for every activation, so padded units stay
 zero). The limits of 256 and 128 bound what one program holds (weights, momenta, ``C × C``
-coefficient tiles) in registers and shared memory; they are a sizing choice, not a semantic one,
-and not yet measured on a GPU.
+coefficient tiles) in registers and shared memory; they are a sizing choice, not a semantic one.
+On an H100 the backward kernel (``jax.vjp`` of the chunk inside one program) exceeds the card's
+shared memory well inside them: self-modifying Titans' memories at head dim 64, hidden 128 ask
+for 263 KB (η, chunk 16) and 311 KB (main memory, chunk 64) of 227 KB (BENCHMARKS.md, seventh
+and eleventh sessions), so training with this kernel runs only at small widths there.
 
 Not covered (the dispatcher keeps the chunked JAX form): other memories and objectives,
 ``exact`` semantics (the gradient point moves every token), Newton-Schulz and stop-gradient
