@@ -49,8 +49,9 @@ from nlj_kernels.backends import compiler_params
 from nlj_kernels.matrix_memory.prepare import ChunkScalars, ReadForm
 from nlj_kernels.products import dot
 
-__all__ = ["tiles_pallas", "differentiable_tiles", "TileKernels", "fit_shapes", "saved_dtype",
-           "row_block", "store_blocks", "TileShape", "FORWARD", "BACKWARD", "TILES", "WY"]
+__all__ = ["tiles_pallas", "differentiable_tiles", "TileKernels", "Finish", "fit_shapes",
+           "saved_dtype", "ratio_block", "row_block", "store_blocks", "TileShape", "FORWARD",
+           "BACKWARD", "TILES", "WY"]
 
 TILES = ("kw", "vu", "qs", "p", "kd", "ka")  # outputs in this order (ka for anchored writes)
 
@@ -64,6 +65,20 @@ class TileShape(NamedTuple):
 
 FORWARD = TileShape(64, 4)
 BACKWARD = TileShape(64, 8)
+
+
+def ratio_block(log_rows: jax.Array, log_cols: jax.Array, diagonal: bool, strict: bool
+                ) -> jax.Array:
+  """``exp(log_rows_t - log_cols_u)`` for a block of rows ``[b]`` against an earlier (or the
+  same, ``diagonal``) block of columns ``[b]``: on a diagonal block only ``u <= t`` (``u < t``
+  when ``strict``), else 0, without evaluating the exponential above the diagonal."""
+  diff = log_rows[:, None] - log_cols[None, :]
+  if not diagonal:
+    return jnp.exp(diff)
+  rows = jax.lax.broadcasted_iota(jnp.int32, diff.shape, 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, diff.shape, 1)
+  keep = rows > cols if strict else rows >= cols
+  return jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)
 
 
 def row_block(i: int, block: int) -> pl.Slice:
@@ -97,7 +112,7 @@ class _Chunk:
     self.wide = jnp.promote_types(scalar_refs[0].dtype, jnp.float32)
     rows = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
-    self.lower = {True: rows > cols, False: rows >= cols}  # diagonal blocks, by strictness
+    self.strict_lower = rows > cols  # of a diagonal block
     self.lower_pairs = [(i, j) for i in range(nb) for j in range(i + 1)]
     if saved:
       load = lambda ref: lambda i, j: ref[self.rows(i), self.rows(j)].astype(self.wide)
@@ -130,13 +145,10 @@ class _Chunk:
     return self.scalar_refs[name][self.rows(i)].astype(self.wide)
 
   def ratios(self, log_rows: str, ij: tuple[int, int], strict: bool) -> jax.Array:
-    """Block ``[i, j]`` of ``exp(log_rows_t - log_g_u)`` on ``u <= t`` (``u < t``), else 0."""
+    """Block ``[i, j]`` (``j <= i``) of ``exp(log_rows_t - log_g_u)`` on ``u <= t`` (``u < t``),
+    else 0."""
     i, j = ij
-    diff = self.sc(log_rows, i)[:, None] - self.sc("log_g", j)[None, :]
-    if i > j:
-      return jnp.exp(diff)
-    keep = self.lower[strict]
-    return jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)
+    return ratio_block(self.sc(log_rows, i), self.sc("log_g", j), i == j, strict)
 
   def e(self, ij: tuple[int, int]) -> jax.Array:
     """Block ``[i, j]`` of ``N``'s decay ``E``."""
@@ -234,7 +246,7 @@ def _backward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
   for i, j in c.lower_pairs:
     dn = -sum(dot(tdt[i, b], c.t(j, b), trans_b=True) for b in range(j + 1))
     if i == j:
-      dn = jnp.where(c.lower[True], dn, 0.0)
+      dn = jnp.where(c.strict_lower, dn, 0.0)
     z = dn * c.eg(i, j)
     row, b_i = jnp.sum(z, axis=1), c.sc("b", i)
     add("b", i, row)
@@ -268,6 +280,15 @@ def _widths(form: ReadForm, size: int, dk: int, dv: int) -> tuple[int, ...]:
   return (dk, dv, dk, size, dk) + ((dk,) if form.anchored else ())
 
 
+class Finish(NamedTuple):
+  """The last step of a backward in plain JAX: the backward kernel's scalar outputs (per-token
+  ``[B, H, N, C]`` for a width ``1``, per-chunk ``[B, H, N, C, C]`` for ``"chunk"``, in the
+  scalars' dtype) and ``cotangents(form, scalars, outputs) -> the scalars' cotangents``."""
+
+  widths: tuple
+  cotangents: Callable
+
+
 class TileKernels(NamedTuple):
   """A forward and a backward tiles kernel (bodies ``(k_ref, v_ref, q_ref, *refs, block,
   form)``), the widths of the tiles they write (``widths(form, size, d_k, d_v)``), the name
@@ -276,7 +297,9 @@ class TileKernels(NamedTuple):
 
   The forward's refs are the scalars, the tiles, then the saved matrices (none when not
   differentiated); the backward's are the scalars, the tiles' cotangents, the saved matrices,
-  then the cotangents of ``k, v, q`` and the scalars.
+  then the cotangents of ``k, v, q`` and its scalar outputs: the scalars' cotangents, or with
+  ``finish`` the ``[B, H, N, C]`` arrays (and ``[B, H, N, C, C]`` for a width ``"chunk"``) of
+  ``finish.widths`` that ``finish.cotangents(form, scalars, outputs)`` turns into them.
   """
 
   forward: Callable
@@ -284,6 +307,7 @@ class TileKernels(NamedTuple):
   widths: Callable[[ReadForm, int, int, int], Sequence[int]]
   name: str
   saved: int = 0
+  finish: Finish | None = None
 
 
 _STATIC = ("kernels", "size", "form", "shape", "interpret", "backend")
@@ -294,11 +318,6 @@ def saved_dtype(products, scalars) -> jnp.dtype:
   (the forward's products already round ``T`` to it), else the scalars' (float32 or wider)."""
   wide = jnp.promote_types(scalars[0].dtype, jnp.float32)
   return jnp.dtype(products) if jnp.dtype(products).itemsize < 4 else wide
-
-
-def _scalar_specs(scalars, scalar: pl.BlockSpec, tile: Callable) -> list[pl.BlockSpec]:
-  """Per-token ``[B, H, N, C]`` scalars by chunk; ``[B, H, N, C, C]`` matrices by chunk."""
-  return [scalar if x.ndim == 4 else tile(x.shape[-1]) for x in scalars]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("save",))
@@ -313,7 +332,7 @@ def _forward(k, v, q, scalars, *, kernels, size, form, shape, interpret, backend
                                                                               scalars))] * saved
   kernel = functools.partial(kernels.forward, block=shape.block, form=form)
   return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch, heads, n),
-                        in_specs=[keys, vals, keys] + _scalar_specs(scalars, scalar, tile),
+                        in_specs=[keys, vals, keys] + [scalar] * len(scalars),
                         out_specs=[tile(w) for w in widths] + [tile(size)] * saved,
                         compiler_params=compiler_params(backend, shape.num_warps),
                         interpret=interpret, name=f"{kernels.name}_fwd")(k, v, q, *scalars)
@@ -325,13 +344,20 @@ def _backward(k, v, q, scalars, saved, cotangents, *, kernels, size, form, shape
   batch, t, heads, dk = k.shape
   dv, n = v.shape[-1], t // size
   keys, vals, scalar, tile = block_specs(size, dk, dv)
-  specs = _scalar_specs(scalars, scalar, tile)
+  specs = [scalar] * len(scalars)
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, q, *scalars)]
+  out_specs = [keys, vals, keys] + specs
+  if kernels.finish is not None:
+    per_chunk = scalars[0].shape + (size,)
+    widths = kernels.finish.widths
+    out_shape = out_shape[:3] + [jax.ShapeDtypeStruct(
+        per_chunk if w == "chunk" else scalars[0].shape, scalars[0].dtype) for w in widths]
+    out_specs = out_specs[:3] + [tile(size) if w == "chunk" else scalar for w in widths]
   kernel = functools.partial(kernels.backward, block=shape.block, form=form)
   tiles = [tile(w) for w in kernels.widths(form, size, dk, dv)]
   return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch, heads, n),
                         in_specs=[keys, vals, keys] + specs + tiles + [tile(size)] * len(saved),
-                        out_specs=[keys, vals, keys] + specs,
+                        out_specs=out_specs,
                         compiler_params=compiler_params(backend, shape.num_warps),
                         interpret=interpret, name=f"{kernels.name}_bwd")(
                             k, v, q, *scalars, *cotangents, *saved)
@@ -384,10 +410,12 @@ def differentiable_tiles(kernels: TileKernels, scalars_type: type) -> Callable:
 
   def tiles_bwd(size, form, shapes, interpret, backend, residuals, cotangents):
     k, v, q, scalars, saved = residuals
-    dk, dv, dq, *dscalars = backward(k, v, q, scalars, saved, tuple(cotangents), size=size,
-                                     form=form, shape=shapes[1], interpret=interpret,
-                                     backend=backend)
-    return dk, dv, dq, scalars_type(*dscalars)
+    dk, dv, dq, *outputs = backward(k, v, q, scalars, saved, tuple(cotangents), size=size,
+                                    form=form, shape=shapes[1], interpret=interpret,
+                                    backend=backend)
+    if kernels.finish is not None:
+      return dk, dv, dq, kernels.finish.cotangents(form, scalars, outputs)
+    return dk, dv, dq, scalars_type(*outputs)
 
   tiles.defvjp(tiles_fwd, tiles_bwd)
 

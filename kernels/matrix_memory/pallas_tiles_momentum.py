@@ -3,19 +3,29 @@
 With momentum nothing is solved: per chunk (one program each, grid ``(batch, heads, chunks)``,
 keys, values and queries read straight from the ``[B, T, H, ·]`` inputs) the kernels build
 :func:`~nlj_kernels.matrix_memory.prepare.momentum_tiles` from the per-token
-:class:`~nlj_kernels.matrix_memory.prepare.MomentumScalars` and the read decay ``a [C, C]``::
+:class:`~nlj_kernels.matrix_memory.prepare.MomentumScalars`, forming the read decays of
+:func:`~nlj_kernels.matrix_memory.prepare.momentum_reads` block by block in the program (so no
+``[C, C]`` matrix goes through memory)::
 
+    Γ_tj = exp(log_read_t - log_g_j) mask_j (j <= t) ;  E_ji = exp(log_b_j - log_b_i) (i <= j)
+    qm = Γ exp(log_b) ;  decay = lastᵀ E ;  a = Γ E
     Vu = s ⊙ V ;  Ka = s ⊙ K ;  Qs = read ⊙ Q ;  Qm = qm ⊙ Q ;  Kd = decay ⊙ K ;  Km = km ⊙ K
     P = tril(a ∘ Q Kᵀ)
 
 so the tiles are written once, in the products' dtype, in the layout stage 2 reads, and XLA
-transposes nothing. The backward kernel applies the rules (``X̄`` the cotangent of ``X``)::
+transposes nothing. When differentiated the forward also saves ``a`` (in
+:func:`~.pallas_tiles.saved_dtype`). The backward kernel applies the rules (``X̄`` the cotangent
+of ``X``)::
 
     V̄ = s ⊙ V̄u ;  s̄ = rowsum(V ⊙ V̄u) + rowsum(K ⊙ K̄a) ;  r̄ead = rowsum(Q ⊙ Q̄s) ; ...
     Z = tril(P̄ ∘ a) ;  Q̄ += Z K ;  K̄ += Zᵀ Q ;  ā = tril(P̄ ∘ Q Kᵀ)
 
-and :func:`~nlj_kernels.matrix_memory.prepare.chunk_parts` (plain JAX) differentiates the scalars
-and ``a`` on to η, α and β. Blocks above the diagonal of ``P`` are zeros and are not computed.
+and returns ``q̄m``, ``d̄ecay`` and ``ā``, which go back through ``momentum_reads`` by
+``jax.vjp`` in plain JAX (its ``[C, C]`` products kept out of the kernel, where they made the
+backward three times slower on an H100: BENCHMARKS.md, eleventh session);
+:func:`~nlj_kernels.matrix_memory.prepare.chunk_parts` differentiates the scalars on to η, α
+and β. Blocks above the diagonal are zeros and are not computed; anchor reads (``qm = a = 0``,
+``P = 0``) skip ``Γ``.
 """
 
 from __future__ import annotations
@@ -23,16 +33,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nlj_kernels.matrix_memory.pallas_tiles import (TileKernels, TileShape,
-                                                    differentiable_tiles, row_block, store_blocks)
-from nlj_kernels.matrix_memory.prepare import MomentumScalars, ReadForm
+from nlj_kernels.matrix_memory.pallas_tiles import (Finish, TileKernels, TileShape,
+                                                    differentiable_tiles, ratio_block, row_block,
+                                                    store_blocks)
+from nlj_kernels.matrix_memory.prepare import MomentumScalars, ReadForm, momentum_reads
 from nlj_kernels.products import dot
 
 __all__ = ["momentum_tiles_pallas"]
 
-PER_TOKEN = MomentumScalars._fields[:-1]  # s, read, qm, decay, km; then the matrix a
 ROW_TILES = (("vu", "s", 1), ("qs", "read", 2), ("qm", "qm", 2), ("kd", "decay", 0),
-             ("km", "km", 0), ("ka", "s", 0))  # (tile, scalar, input: 0 k, 1 v, 2 q)
+             ("km", "km", 0), ("ka", "s", 0))  # (tile, row scale, input: 0 k, 1 v, 2 q)
 
 
 def _row_tiles(form: ReadForm) -> tuple[tuple[str, str, int], ...]:
@@ -50,40 +60,87 @@ def _lower(block: int) -> jax.Array:
   return rows >= jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
 
 
+class _Reads:
+  """One chunk's read decays in row blocks: the lower blocks ``[i, j]`` of ``Γ`` (None for
+  anchor reads), ``E`` and (with ``products``) ``a``, and the blocks of ``qm`` and ``decay``
+  (module docstring)."""
+
+  def __init__(self, scalar_refs, block: int, form: ReadForm, products: bool = True):
+    self.wide = jnp.promote_types(scalar_refs[0].dtype, jnp.float32)
+    self.refs, self.block = dict(zip(MomentumScalars._fields, scalar_refs)), block
+    nb = self.nb = scalar_refs[0].shape[0] // block
+    self.pairs = [(i, j) for i in range(nb) for j in range(i + 1)]
+    self.e = {(m, j): ratio_block(self.sc("log_b", m), self.sc("log_b", j), m == j, False)
+              for m, j in self.pairs}
+    self.decay = [sum(jnp.sum(self.sc("last", m)[:, None] * self.e[m, j], axis=0)
+                      for m in range(j, nb)) for j in range(nb)]
+    if form.reads_anchor:
+      self.gamma = None
+      self.qm = [jnp.zeros((block,), self.wide)] * nb
+      return
+    self.ratio = {(i, m): ratio_block(self.sc("log_read", i), self.sc("log_g", m), i == m,
+                                      form.strict) for i, m in self.pairs}
+    self.gamma = {(i, m): self.ratio[i, m] * self.sc("mask", m)[None, :] for i, m in self.pairs}
+    self.qm = [sum(jnp.sum(self.gamma[i, m] * self.exp_b(m)[None, :], axis=1)
+                   for m in range(i + 1)) for i in range(nb)]
+    if products:
+      self.a = {(i, j): sum(dot(self.gamma[i, m], self.e[m, j]) for m in range(j, i + 1))
+                for i, j in self.pairs}
+
+  def sc(self, name: str, i: int) -> jax.Array:
+    """Block ``i`` of the per-token scalar ``name`` (a :class:`MomentumScalars` field)."""
+    return self.refs[name][row_block(i, self.block)].astype(self.wide)
+
+  def exp_b(self, i: int) -> jax.Array:
+    return jnp.exp(self.sc("log_b", i))
+
+  def scale(self, name: str, i: int) -> jax.Array:
+    """Block ``i`` of a row scale of :data:`ROW_TILES` (``qm`` and ``decay`` formed here)."""
+    if name in ("qm", "decay"):
+      return getattr(self, name)[i]
+    return self.sc(name, i)
+
+
 def _forward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
-  scalars, a_ref, refs = refs[:len(PER_TOKEN)], refs[len(PER_TOKEN)], refs[len(PER_TOKEN) + 1:]
-  sc, ins = dict(zip(PER_TOKEN, scalars)), (k_ref, v_ref, q_ref)
-  out = dict(zip(_outputs(form), refs))
-  wide = jnp.promote_types(scalars[0].dtype, jnp.float32)
-  nb, at = k_ref.shape[0] // block, lambda i: row_block(i, block)
-  for i in range(nb):
-    for name, scalar, src in _row_tiles(form):
-      x = sc[scalar][at(i)].astype(wide)[:, None] * ins[src][at(i)].astype(wide)
+  n_sc, n_out = len(MomentumScalars._fields), len(_outputs(form))
+  r = _Reads(refs[:n_sc], block, form)
+  out, saved = dict(zip(_outputs(form), refs[n_sc:n_sc + n_out])), refs[n_sc + n_out:]
+  ins, wide, at = (k_ref, v_ref, q_ref), r.wide, lambda i: row_block(i, block)
+  for i in range(r.nb):
+    for name, scale, src in _row_tiles(form):
+      x = r.scale(scale, i)[:, None] * ins[src][at(i)].astype(wide)
       out[name][at(i)] = x.astype(out[name].dtype)
-    for j in range(nb):
-      tile = jnp.zeros((block, block), wide)
+    for j in range(r.nb):
+      a = r.a[i, j] if j <= i and not form.reads_anchor else jnp.zeros((block, block), wide)
+      for ref in saved:  # a, for the backward
+        ref[at(i), at(j)] = a.astype(ref.dtype)
       if j <= i and not form.reads_anchor:
-        tile = a_ref[at(i), at(j)].astype(wide) * dot(q_ref[at(i)], k_ref[at(j)], trans_b=True)
+        tile = a * dot(q_ref[at(i)], k_ref[at(j)], trans_b=True)
         tile = jnp.where(_lower(block), tile, 0.0) if i == j else tile
+      else:
+        tile = jnp.zeros((block, block), wide)
       out["p"][at(i), at(j)] = tile.astype(out["p"].dtype)
 
 
+BACKWARD_SCALES = ("s", "read", "km", "qm", "decay")  # the backward kernel's per-token outputs
+
+
 def _backward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
-  scalars, a_ref, refs = refs[:len(PER_TOKEN)], refs[len(PER_TOKEN)], refs[len(PER_TOKEN) + 1:]
-  sc, ins = dict(zip(PER_TOKEN, scalars)), (k_ref, v_ref, q_ref)
-  cots = dict(zip(_outputs(form), refs))
-  (dk_ref, dv_ref, dq_ref), refs = refs[len(cots):len(cots) + 3], refs[len(cots) + 3:]
-  dsc_refs, da_ref = dict(zip(PER_TOKEN, refs[:len(PER_TOKEN)])), refs[len(PER_TOKEN)]
-  cdt = k_ref.dtype
-  wide = jnp.promote_types(scalars[0].dtype, jnp.float32)
-  nb, at = k_ref.shape[0] // block, lambda i: row_block(i, block)
-  grads = {name: [jnp.zeros((block,), wide)] * nb for name in PER_TOKEN}
-  d_in = [[jnp.zeros((block, r.shape[1]), wide)] * nb for r in ins]  # k, v, q
+  n_sc, n_out = len(MomentumScalars._fields), len(_outputs(form))
+  r = _Reads(refs[:n_sc], block, form, products=False)  # the row scales qm and decay
+  cots, a_ref = dict(zip(_outputs(form), refs[n_sc:n_sc + n_out])), refs[n_sc + n_out]
+  refs = refs[n_sc + n_out + 1:]
+  (dk_ref, dv_ref, dq_ref), refs = refs[:3], refs[3:]
+  dscale_refs, da_ref = dict(zip(BACKWARD_SCALES, refs)), refs[len(BACKWARD_SCALES)]
+  ins, cdt, wide, nb = (k_ref, v_ref, q_ref), k_ref.dtype, r.wide, r.nb
+  at = lambda i: row_block(i, block)
+  grads = {name: [jnp.zeros((block,), wide)] * nb for name in BACKWARD_SCALES}
+  d_in = [[jnp.zeros((block, x.shape[1]), wide)] * nb for x in ins]  # k, v, q
   for i in range(nb):
-    for name, scalar, src in _row_tiles(form):
+    for name, scale, src in _row_tiles(form):
       cot, x = cots[name][at(i)].astype(wide), ins[src][at(i)].astype(wide)
-      grads[scalar][i] = grads[scalar][i] + jnp.sum(x * cot, axis=1)
-      d_in[src][i] = d_in[src][i] + sc[scalar][at(i)].astype(wide)[:, None] * cot
+      grads[scale][i] = grads[scale][i] + jnp.sum(x * cot, axis=1)
+      d_in[src][i] = d_in[src][i] + r.scale(scale, i)[:, None] * cot
   for i in range(nb):
     for j in range(nb):
       da = jnp.zeros((block, block), wide)
@@ -99,8 +156,23 @@ def _backward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
       da_ref[at(i), at(j)] = da.astype(da_ref.dtype)
   for ref, blocks in zip((dk_ref, dv_ref, dq_ref), d_in):
     store_blocks(ref, blocks)
-  for name in PER_TOKEN:
-    store_blocks(dsc_refs[name], grads[name])
+  for name in BACKWARD_SCALES:
+    store_blocks(dscale_refs[name], grads[name])
+
+
+_READ_INPUTS = ("last", "log_read", "log_g", "log_b", "mask")  # what momentum_reads reads
+
+
+def _read_decay_cotangents(form: ReadForm, scalars: MomentumScalars, outputs) -> MomentumScalars:
+  """The scalars' cotangents from the backward kernel's (those of ``s, read, km, qm, decay``
+  and ``a``): ``qm``, ``decay`` and ``a`` go back through
+  :func:`~nlj_kernels.matrix_memory.prepare.momentum_reads` by ``jax.vjp`` in plain JAX."""
+  d_s, d_read, d_km, d_qm, d_decay, d_a = outputs
+  w = scalars
+  reads = lambda *x: momentum_reads(form, w._replace(**dict(zip(_READ_INPUTS, x))))
+  _, vjp = jax.vjp(jax.vmap(jax.vmap(jax.vmap(reads))), *(getattr(w, n) for n in _READ_INPUTS))
+  return w._replace(s=d_s, read=d_read, km=d_km,
+                    **dict(zip(_READ_INPUTS, vjp((d_qm, d_decay, d_a)))))
 
 
 def _tile_widths(form: ReadForm, size: int, dk: int, dv: int) -> list[int]:
@@ -109,7 +181,9 @@ def _tile_widths(form: ReadForm, size: int, dk: int, dv: int) -> list[int]:
 
 
 _tiles = differentiable_tiles(
-    TileKernels(_forward_kernel, _backward_kernel, _tile_widths, "matrix_memory_momentum_tiles"),
+    TileKernels(_forward_kernel, _backward_kernel, _tile_widths, "matrix_memory_momentum_tiles",
+                saved=1, finish=Finish((1,) * len(BACKWARD_SCALES) + ("chunk",),
+                                       _read_decay_cotangents)),
     MomentumScalars)
 
 
@@ -124,8 +198,8 @@ def momentum_tiles_pallas(form: ReadForm, k: jax.Array, v: jax.Array, q: jax.Arr
   Args:
     form: the tiles' static shape (:func:`~nlj_kernels.matrix_memory.prepare.read_form`).
     k, q: ``[B, T, H, d_k]``; v: ``[B, T, H, d_v]`` (``T % size == 0``), in the products' dtype.
-    scalars: :class:`~nlj_kernels.matrix_memory.prepare.MomentumScalars`: ``[B, H, N, C]``
-      per-token fields and ``a [B, H, N, C, C]`` (float32, or float64 in tests).
+    scalars: :class:`~nlj_kernels.matrix_memory.prepare.MomentumScalars` of ``[B, H, N, C]``
+      arrays (float32, or float64 in tests).
     size: the chunk ``C``, a multiple of 16.
     forward, backward: the kernels' :class:`~.pallas_tiles.TileShape` (None:
       :func:`~.pallas_tiles.fit_shapes`' default).

@@ -44,8 +44,8 @@ from nlj_kernels.matrix_memory.contract import OpConfig
 from nlj.core.triangular import inverse_named
 
 __all__ = ["ChunkCoefficients", "ChunkScalars", "MomentumScalars", "ReadForm",
-           "chunk_coefficients", "chunk_inputs", "chunk_parts", "chunk_tiles", "momentum_tiles",
-           "prepare", "read_form", "to_chunks"]
+           "chunk_coefficients", "chunk_inputs", "chunk_parts", "chunk_tiles", "momentum_reads",
+           "momentum_tiles", "prepare", "read_form", "to_chunks"]
 
 
 class ChunkCoefficients(NamedTuple):
@@ -126,9 +126,11 @@ class ChunkScalars(NamedTuple):
 
 
 class MomentumScalars(NamedTuple):
-  """Per-token ``[C]`` scalars of a chunk with momentum and its read decay ``a [C, C]`` (lower
-  triangular; strictly for strict reads; 0 for anchor reads), from which :func:`chunk_tiles`
-  builds every tile::
+  """Per-token ``[C]`` scalars of a chunk with momentum, from which :func:`momentum_tiles`
+  builds every tile: the row scales ``s``, ``read``, ``km``, ``last = γ_C/γ_t`` (0 on padding),
+  the logs of ``γ`` (``log_read``, ``log_g``) and of ``B`` (``log_b``), and the padding
+  ``mask``. :func:`momentum_reads` turns them into ``qm``, ``decay`` and the read decay
+  ``a [C, C]`` (lower triangular; strictly for strict reads; 0 for anchor reads)::
 
     Vu = s ⊙ V ;  Ka = s ⊙ K ;  Qs = read ⊙ Q ;  Qm = qm ⊙ Q ;  Kd = decay ⊙ K ;  Km = km ⊙ K
     P = tril(a ∘ Q Kᵀ)  (0 for anchor reads) ;  Kw = Ka for anchored writes, else 0
@@ -136,10 +138,12 @@ class MomentumScalars(NamedTuple):
 
   s: jax.Array
   read: jax.Array
-  qm: jax.Array
-  decay: jax.Array
   km: jax.Array
-  a: jax.Array
+  last: jax.Array
+  log_read: jax.Array
+  log_g: jax.Array
+  log_b: jax.Array
+  mask: jax.Array
 
 
 class ReadForm(NamedTuple):
@@ -185,16 +189,11 @@ def chunk_parts(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array, eta:
   gs = jnp.exp(_last(log_g))
   if config.momentum:
     log_b, _ = _log_cumprod(beta)
-    gamma = _ratios(log_read, log_g, form.strict) * mask[None, :]
-    gamma_last = jnp.exp(_last(log_g) - log_g) * mask
-    decay_all = _ratios(log_b, log_b, False)
-    reads = lambda x: jnp.zeros_like(x) if form.reads_anchor else x
-    scalars = MomentumScalars(
-        s=s, read=read, qm=reads(jnp.sum(gamma * jnp.exp(log_b)[None, :], axis=1)),
-        decay=jnp.sum(gamma_last[:, None] * decay_all, axis=0),
-        km=jnp.exp(_last(log_b) - log_b), a=reads(_mm(gamma, decay_all)))
+    last = jnp.exp(_last(log_g) - log_g) * mask
+    scalars = MomentumScalars(s, read, jnp.exp(_last(log_b) - log_b), last, log_read, log_g,
+                              log_b, mask)
     return ChunkCoefficients(kw=None, vu=None, qs=None, p=None, kd=None, gs=gs, ka=None,
-                             mc=jnp.sum(gamma_last * jnp.exp(log_b)),
+                             mc=jnp.sum(last * jnp.exp(log_b)),
                              gm=jnp.exp(_last(log_b))), scalars
   if config.semantics == "exact" and config.objective == "l2":
     b = c + (alpha * s if config.grad_at_retained else s)
@@ -227,18 +226,33 @@ def chunk_tiles(form: ReadForm, inverse: Inverse, k: jax.Array, v: jax.Array, q:
       kd=w.decay[:, None] * k, ka=_mm(t, w.s[:, None] * k) if form.anchored else None)
 
 
+def momentum_reads(form: ReadForm, w: MomentumScalars
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(qm [C], decay [C], a [C, C])`` of one chunk: with ``Γ_tj = exp(log_read_t - log_g_j)
+  mask_j`` on ``j <= t`` (``j < t`` for strict reads) and ``E_ji = exp(log_b_j - log_b_i)`` on
+  ``i <= j``, ``qm = Γ exp(log_b)``, ``decay = lastᵀ E`` and ``a = Γ E`` (``qm = a = 0`` for
+  anchor reads)."""
+  decay_all = _ratios(w.log_b, w.log_b, False)
+  decay = jnp.sum(w.last[:, None] * decay_all, axis=0)
+  if form.reads_anchor:
+    return jnp.zeros_like(decay), decay, jnp.zeros_like(decay_all)
+  gamma = _ratios(w.log_read, w.log_g, form.strict) * w.mask[None, :]
+  return jnp.sum(gamma * jnp.exp(w.log_b)[None, :], axis=1), decay, _mm(gamma, decay_all)
+
+
 def momentum_tiles(form: ReadForm, k: jax.Array, v: jax.Array, q: jax.Array,
                    scalars: MomentumScalars) -> dict[str, jax.Array | None]:
   """The tiles of one chunk with momentum (:class:`MomentumScalars`; shapes as
   :func:`chunk_tiles`)."""
   w = scalars
+  qm, decay, a = momentum_reads(form, w)
   row = lambda x, rows: x[:, None] * rows
   ka = row(w.s, k) if form.anchored else None
   size = k.shape[0]
   p = jnp.zeros((size, size), k.dtype) if form.reads_anchor else jnp.where(
-      _tril(size, False), w.a * _mm(q, k, trans_b=True), 0.0)
+      _tril(size, False), a * _mm(q, k, trans_b=True), 0.0)
   return dict(kw=jnp.zeros_like(k) if ka is None else ka, vu=row(w.s, v), qs=row(w.read, q), p=p,
-              kd=row(w.decay, k), ka=ka, qm=row(w.qm, q), km=row(w.km, k))
+              kd=row(decay, k), ka=ka, qm=row(qm, q), km=row(w.km, k))
 
 
 def chunk_coefficients(config: OpConfig, inverse: Inverse, k: jax.Array, v: jax.Array,

@@ -442,19 +442,21 @@ def test_stage1_kernels_equal_plain_jax(chunk, form, shapes):
     (32, (True, True, True), None), (32, (False, False, False), ((16, 4), (16, 2))),
     (64, (True, False, False), ((32, 4), (64, 8)))])
 def test_momentum_stage1_kernels_equal_plain_jax(chunk, form, shapes):
-  """The momentum tiles of the Pallas stage 1 against :func:`momentum_tiles` in plain JAX,
-  values and every input's gradient (``a`` lower triangular, strictly for strict reads, zero
-  for anchor reads, as :func:`~nlj_kernels.matrix_memory.prepare.chunk_parts` makes it)."""
+  """The momentum tiles of the Pallas stage 1 (read decays formed in the kernels) against
+  :func:`momentum_tiles` in plain JAX, values and every input's gradient, with a reset of the
+  momentum decay and padding tokens at the end of the chunk."""
   form = ReadForm(*form)
   with jax.enable_x64(True):
     k, v, q, key = _stage1_inputs(chunk)
-    keys = jax.random.split(key, 6)
-    uniform = lambda i, *extra: jax.random.uniform(keys[i], (2, 2, 2, chunk) + extra,
-                                                   jnp.float64)
-    rows, cols = jnp.arange(chunk)[:, None], jnp.arange(chunk)[None, :]
-    a = jnp.where(rows > cols if form.strict else rows >= cols, uniform(5, chunk), 0.0)
-    scalars = MomentumScalars(*(uniform(i) for i in range(5)),
-                              a=jnp.zeros_like(a) if form.reads_anchor else a)
+    keys = jax.random.split(key, 7)
+    uniform = lambda i: jax.random.uniform(keys[i], (2, 2, 2, chunk), jnp.float64)
+    log_alpha = jnp.log(0.8 + 0.2 * uniform(4))
+    log_g = jnp.cumsum(log_alpha, -1)
+    log_beta = jnp.log(0.5 + 0.5 * uniform(5)).at[:, :, 1, chunk // 2].set(-30.0)
+    mask = jnp.ones_like(log_g).at[:, :, :, -3:].set(0.0)
+    scalars = MomentumScalars(uniform(0), uniform(1), uniform(2), uniform(3) * mask,
+                              log_g - log_alpha if form.strict else log_g, log_g,
+                              jnp.cumsum(log_beta, -1), mask)
     reference = _per_chunk(lambda kk, vv, qq, *s: momentum_tiles(form, kk, vv, qq,
                                                                  MomentumScalars(*s)), chunk)
     forward, backward = shapes or (None, None)
