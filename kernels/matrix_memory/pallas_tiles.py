@@ -281,11 +281,11 @@ def _widths(form: ReadForm, size: int, dk: int, dv: int) -> tuple[int, ...]:
 
 
 class Finish(NamedTuple):
-  """The last step of a backward in plain JAX: the backward kernel's scalar outputs (per-token
-  ``[B, H, N, C]`` for a width ``1``, per-chunk ``[B, H, N, C, C]`` for ``"chunk"``, in the
-  scalars' dtype) and ``cotangents(form, scalars, outputs) -> the scalars' cotangents``."""
+  """The last step of a backward in plain JAX: the backward kernel's scalar outputs (``"token"``
+  ``[B, H, N, C]`` or ``"chunk"`` ``[B, H, N, C, C]``, in the scalars' dtype) and
+  ``cotangents(form, scalars, outputs) -> the scalars' cotangents``."""
 
-  widths: tuple
+  outputs: tuple[str, ...]
   cotangents: Callable
 
 
@@ -298,8 +298,7 @@ class TileKernels(NamedTuple):
   The forward's refs are the scalars, the tiles, then the saved matrices (none when not
   differentiated); the backward's are the scalars, the tiles' cotangents, the saved matrices,
   then the cotangents of ``k, v, q`` and its scalar outputs: the scalars' cotangents, or with
-  ``finish`` the ``[B, H, N, C]`` arrays (and ``[B, H, N, C, C]`` for a width ``"chunk"``) of
-  ``finish.widths`` that ``finish.cotangents(form, scalars, outputs)`` turns into them.
+  ``finish`` the arrays of ``finish.outputs`` that ``finish.cotangents`` turns into them.
   """
 
   forward: Callable
@@ -315,7 +314,7 @@ _STATIC = ("kernels", "size", "form", "shape", "interpret", "backend")
 
 def saved_dtype(products, scalars) -> jnp.dtype:
   """The dtype of the saved ``[C, C]`` matrices: the products' when narrower than float32
-  (the forward's products already round ``T`` to it), else the scalars' (float32 or wider)."""
+  (the backward's products round them to it anyway), else the scalars' (float32 or wider)."""
   wide = jnp.promote_types(scalars[0].dtype, jnp.float32)
   return jnp.dtype(products) if jnp.dtype(products).itemsize < 4 else wide
 
@@ -348,11 +347,12 @@ def _backward(k, v, q, scalars, saved, cotangents, *, kernels, size, form, shape
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, q, *scalars)]
   out_specs = [keys, vals, keys] + specs
   if kernels.finish is not None:
-    per_chunk = scalars[0].shape + (size,)
-    widths = kernels.finish.widths
-    out_shape = out_shape[:3] + [jax.ShapeDtypeStruct(
-        per_chunk if w == "chunk" else scalars[0].shape, scalars[0].dtype) for w in widths]
-    out_specs = out_specs[:3] + [tile(size) if w == "chunk" else scalar for w in widths]
+    shapes = {"token": (scalars[0].shape, scalar),
+              "chunk": (scalars[0].shape + (size,), tile(size))}
+    outputs = [shapes[kind] for kind in kernels.finish.outputs]
+    out_shape = out_shape[:3] + [jax.ShapeDtypeStruct(shape, scalars[0].dtype)
+                                 for shape, _ in outputs]
+    out_specs = out_specs[:3] + [spec for _, spec in outputs]
   kernel = functools.partial(kernels.backward, block=shape.block, form=form)
   tiles = [tile(w) for w in kernels.widths(form, size, dk, dv)]
   return pl.pallas_call(kernel, out_shape=out_shape, grid=(batch, heads, n),

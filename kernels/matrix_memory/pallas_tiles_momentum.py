@@ -61,38 +61,34 @@ def _lower(block: int) -> jax.Array:
 
 
 class _Reads:
-  """One chunk's read decays in row blocks: the lower blocks ``[i, j]`` of ``Γ`` (None for
-  anchor reads), ``E`` and (with ``products``) ``a``, and the blocks of ``qm`` and ``decay``
-  (module docstring)."""
+  """One chunk's read decays in row blocks (module docstring): the blocks of ``qm`` and
+  ``decay``, and with ``products`` the lower blocks ``a[i, j]`` (``j <= i``; none for anchor
+  reads)."""
 
   def __init__(self, scalar_refs, block: int, form: ReadForm, products: bool = True):
     self.wide = jnp.promote_types(scalar_refs[0].dtype, jnp.float32)
     self.refs, self.block = dict(zip(MomentumScalars._fields, scalar_refs)), block
     nb = self.nb = scalar_refs[0].shape[0] // block
-    self.pairs = [(i, j) for i in range(nb) for j in range(i + 1)]
-    self.e = {(m, j): ratio_block(self.sc("log_b", m), self.sc("log_b", j), m == j, False)
-              for m, j in self.pairs}
-    self.decay = [sum(jnp.sum(self.sc("last", m)[:, None] * self.e[m, j], axis=0)
+    pairs = [(i, j) for i in range(nb) for j in range(i + 1)]
+    e = {(m, j): ratio_block(self.sc("log_b", m), self.sc("log_b", j), m == j, False)
+         for m, j in pairs}
+    self.decay = [sum(jnp.sum(self.sc("last", m)[:, None] * e[m, j], axis=0)
                       for m in range(j, nb)) for j in range(nb)]
     if form.reads_anchor:
-      self.gamma = None
       self.qm = [jnp.zeros((block,), self.wide)] * nb
       return
-    self.ratio = {(i, m): ratio_block(self.sc("log_read", i), self.sc("log_g", m), i == m,
-                                      form.strict) for i, m in self.pairs}
-    self.gamma = {(i, m): self.ratio[i, m] * self.sc("mask", m)[None, :] for i, m in self.pairs}
-    self.qm = [sum(jnp.sum(self.gamma[i, m] * self.exp_b(m)[None, :], axis=1)
-                   for m in range(i + 1)) for i in range(nb)]
+    gamma = {(i, m): ratio_block(self.sc("log_read", i), self.sc("log_g", m), i == m,
+                                 form.strict) * self.sc("mask", m)[None, :] for i, m in pairs}
+    exp_b = [jnp.exp(self.sc("log_b", m)) for m in range(nb)]
+    self.qm = [sum(jnp.sum(gamma[i, m] * exp_b[m][None, :], axis=1) for m in range(i + 1))
+               for i in range(nb)]
     if products:
-      self.a = {(i, j): sum(dot(self.gamma[i, m], self.e[m, j]) for m in range(j, i + 1))
-                for i, j in self.pairs}
+      self.a = {(i, j): sum(dot(gamma[i, m], e[m, j]) for m in range(j, i + 1))
+                for i, j in pairs}
 
   def sc(self, name: str, i: int) -> jax.Array:
     """Block ``i`` of the per-token scalar ``name`` (a :class:`MomentumScalars` field)."""
     return self.refs[name][row_block(i, self.block)].astype(self.wide)
-
-  def exp_b(self, i: int) -> jax.Array:
-    return jnp.exp(self.sc("log_b", i))
 
   def scale(self, name: str, i: int) -> jax.Array:
     """Block ``i`` of a row scale of :data:`ROW_TILES` (``qm`` and ``decay`` formed here)."""
@@ -182,7 +178,7 @@ def _tile_widths(form: ReadForm, size: int, dk: int, dv: int) -> list[int]:
 
 _tiles = differentiable_tiles(
     TileKernels(_forward_kernel, _backward_kernel, _tile_widths, "matrix_memory_momentum_tiles",
-                saved=1, finish=Finish((1,) * len(BACKWARD_SCALES) + ("chunk",),
+                saved=1, finish=Finish(("token",) * len(BACKWARD_SCALES) + ("chunk",),
                                        _read_decay_cotangents)),
     MomentumScalars)
 
