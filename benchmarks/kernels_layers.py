@@ -27,7 +27,12 @@ per 2048-token sequence at 760m width (the self-modifying Titans mixer alone: 13
 4×2048). A level no
 kernel covers under ``impl="pallas"`` would raise in the dispatcher; here it runs chunked
 instead and is recorded as ``"pallas -> chunked (no kernel)"`` with the dispatcher's reason under
-``fallbacks``. A failing row is recorded, not fatal. Prints a table last and writes
+``fallbacks``. An impl may name a matmul precision after a colon, e.g.
+``--impls=chunked,chunked:BF16_BF16_F32,pallas:BF16_BF16_F32``: the row is traced under
+``jax.default_matmul_precision`` of it, which every product without an explicit precision
+follows, the kernels' included (``BF16_BF16_F32``: bfloat16 operands, float32 accumulation,
+half the shared memory of float32 operands in op 2's kernels). A failing row is recorded, not
+fatal. Prints a table last and writes
 ``kernels_layers.json`` under ``--out``.
 """
 
@@ -111,9 +116,16 @@ def watched_dispatch(seen: dict, fallbacks: dict) -> Iterator[None]:
     dispatch.resolve = resolve
 
 
-def bench_row(module_name: str, size: str, impl: str, dtype: str, b: int, t: int,
+def split_impl(spec: str) -> tuple[str, str | None]:
+  """``"pallas:BF16_BF16_F32"`` -> ``("pallas", "BF16_BF16_F32")``; ``"chunked"`` -> ``(.., None)``."""
+  impl, _, precision = spec.partition(":")
+  return impl, precision or None
+
+
+def bench_row(module_name: str, size: str, spec: str, dtype: str, b: int, t: int,
               repeats: int) -> tuple[dict, jax.Array | None]:
   """One row (see the module docstring) and the forward output (None if it failed)."""
+  impl, precision = split_impl(spec)
   module, config = build(module_name, size, impl, dtype)
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
   d = config.d_model
@@ -126,10 +138,10 @@ def bench_row(module_name: str, size: str, impl: str, dtype: str, b: int, t: int
   def loss(p, x):
     return jnp.sum(fwd(p, x).astype(jnp.float32) * dy)
 
-  row: dict[str, Any] = {"module": module_name, "impl": impl, "size": size, "dtype": dtype,
+  row: dict[str, Any] = {"module": module_name, "impl": spec, "size": size, "dtype": dtype,
                          "shape": f"{b}x{t}x{d}"}
   seen, fallbacks, y = {}, {}, None
-  with watched_dispatch(seen, fallbacks):
+  with watched_dispatch(seen, fallbacks), jax.default_matmul_precision(precision):
     for mode, f in (("fwd", jax.jit(fwd)), ("fwdbwd", jax.jit(jax.grad(loss, (0, 1))))):
       try:
         start = time.perf_counter()
@@ -189,7 +201,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size", default="760m", help="preset size giving d_model, heads, chunks")
   parser.add_argument("--modules", default=",".join(MODULES))
-  parser.add_argument("--impls", default="chunked,pallas")
+  parser.add_argument("--impls", default="chunked,pallas",
+                      help="comma-separated IMPL or IMPL:MATMUL_PRECISION (module docstring)")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--seq", type=int, default=2048)
   parser.add_argument("--dtype", default="bfloat16", help="compute dtype (ModelConfig.dtype)")
@@ -204,6 +217,15 @@ def main() -> None:
   for m in modules:
     if m not in MODULES:
       parser.error(f"--modules: {m!r} is not one of {MODULES}")
+  for spec in impls:
+    impl, precision = split_impl(spec)
+    if impl not in dispatch.IMPLS:
+      parser.error(f"--impls: {impl!r} is not one of {dispatch.IMPLS}")
+    try:
+      with jax.default_matmul_precision(precision):
+        pass
+    except ValueError as error:
+      parser.error(f"--impls: {spec!r}: {error}")
   rows = []
   for module in modules:
     outputs = {}

@@ -19,7 +19,8 @@ self-modifying-Titans-like memory (hidden 128, DGD + momentum) at chunk 16 (befo
 64 (boundary read), and a Titans-LMM-like memory (hidden 256, GD + momentum, chunk 16, after read).
 Products run at JAX's default matmul precision (tf32 for float32 on a GPU) in both forms;
 ``--precisions`` adds kernel variants (``highest``: IEEE float32, ``tf32x3``: tensor cores at nearly
-float32 accuracy). A failing variant is recorded, not fatal. Prints a table last and writes
+float32 accuracy; ``bf16``: bfloat16 operands, float32 accumulation, half the shared memory
+of float32 operands). A failing variant is recorded, not fatal. Prints a table last and writes
 ``kernels_mlp_memory.json`` under ``--out``.
 """
 
@@ -58,7 +59,8 @@ BENCH_CASES = {
 }
 BENCH_SHAPE = (8, 2048)  # batch, length
 PRECISIONS = {"default": None, "highest": jax.lax.Precision.HIGHEST,
-              "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
+              "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+              "bf16": jax.lax.DotAlgorithmPreset.BF16_BF16_F32}
 
 
 def rel(a, b) -> float:

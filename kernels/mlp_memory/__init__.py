@@ -27,8 +27,10 @@ def _applies(level) -> bool:
 
 
 # Opt-in (impl="pallas"): on an H100 (2026-11-26) it passes benchmarks/kernels_mlp_memory.py
-# --check where it compiles, but one program holds a head's whole MLP, and the self-modifying
-# Titans memories of the small (backward) and 760m presets exceed the shared memory.
+# --check where it compiles, but one program holds a head's whole MLP: with float32 operands the
+# self-modifying Titans memories of the small (backward) and 760m presets exceed the shared
+# memory (bfloat16 operands fit the small ones), and in that layer it is slower than the chunked
+# form (BENCHMARKS.md, twelfth session).
 KERNEL = Kernel("mlp_memory", _applies, run_level, auto=False)
 if all(k.name != KERNEL.name for k in registered_kernels()):
   register_kernel(KERNEL)

@@ -28,8 +28,11 @@ zero). The limits of 256 and 128 bound what one program holds (weights, momenta,
 coefficient tiles) in registers and shared memory; they are a sizing choice, not a semantic one.
 On an H100 the backward kernel (``jax.vjp`` of the chunk inside one program) exceeds the card's
 shared memory well inside them: self-modifying Titans' memories at head dim 64, hidden 128 ask
-for 263 KB (η, chunk 16) and 311 KB (main memory, chunk 64) of 227 KB (BENCHMARKS.md, seventh
-and eleventh sessions), so training with this kernel runs only at small widths there.
+for 263 KB (η, chunk 16) and 311 KB (main memory, chunk 64) of 227 KB with float32 operands
+(BENCHMARKS.md, seventh and eleventh sessions). The products take JAX's default matmul precision
+(or the launch's ``precision``); under ``jax.default_matmul_precision("BF16_BF16_F32")`` their
+operands are bfloat16 (float32 accumulation and states), which halves that shared memory: those
+memories then train on an H100 (twelfth session).
 
 Not covered (the dispatcher keeps the chunked JAX form): other memories and objectives,
 ``exact`` semantics (the gradient point moves every token), Newton-Schulz and stop-gradient

@@ -336,6 +336,30 @@ def test_kernels_lower_to_triton_for_hopper(monkeypatch, rule, read, memory):
       assert all(power(d) for d in var.aval.shape), (eqn, var.aval.shape)
 
 
+@pytest.mark.parametrize("setting,want", [(None, None), ("BF16_BF16_F32",
+                                                       jax.lax.DotAlgorithmPreset.BF16_BF16_F32)])
+def test_kernel_products_follow_the_default_matmul_precision(setting, want):
+  """With ``precision=None`` every product of both kernels takes JAX's default matmul precision
+  when traced: ``jax.default_matmul_precision("BF16_BF16_F32")`` gives bfloat16 operands (what
+  lets op 2's backward fit an H100's shared memory at self-modifying Titans' widths)."""
+  level = make_level(Rule("dgd", momentum=True, dgd_variant="plain"), "boundary",
+                     MLPMemory(16, 16, 32, 2), chunk=16)
+  inputs = random_inputs(level, 1, 40, seed=0, dtype=jnp.float32)
+  params = level.init(jax.random.PRNGKey(0))
+
+  def loss(params, inputs):
+    state, y = run_level(level, level.init_state(params, 1), inputs, interpret=True)
+    return jnp.sum(y) + sum(jnp.sum(w) for w in jax.tree.leaves(state[:3]))
+
+  with jax.default_matmul_precision(setting):
+    jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(params, inputs).jaxpr
+  kernels = list(_kernel_jaxprs(jaxpr))
+  assert len(kernels) == 2  # the forward and the backward kernel
+  precisions = {e.params["precision"] for kernel in kernels for e in _equations(kernel)
+                if e.primitive.name == "dot_general"}
+  assert precisions == {want}
+
+
 def test_launch_options_name_bad_backends():
   with pytest.raises(ValueError, match=r"backend must be one of \('triton', 'tpu'\), got 'cuda'"):
     launch_options(backend="cuda")
