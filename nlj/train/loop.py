@@ -48,6 +48,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from nlj.core import IMPLS
 from nlj.data import PackedBatches, get_tokenizer, load_corpus
 from nlj.models import DTYPES, PRESETS, ModelConfig, count_params
 from nlj.models.blocks import layer_families
@@ -93,6 +94,13 @@ class TrainConfig:
       as ``NAME=VALUE`` pairs separated by commas, e.g. ``eta_scale=0.01,momentum=false`` for
       the Table 6 ablations of ``hope``; values parse as bool (``true``/``false``), int, float,
       else str (:func:`parse_model_options`).
+    impl: the memory levels' implementation (``ModelConfig.impl``: ``auto``, ``chunked``,
+      ``pallas`` or ``reference``).
+    matmul_precision: ``jax.default_matmul_precision`` for the whole run (every product that
+      names no precision of its own follows it when traced, the kernels' included), e.g.
+      ``BF16_BF16_F32`` (bfloat16 operands, float32 accumulation: what lets the MLP-memory
+      kernel's backward fit an H100 at self-modifying Titans' ``small`` widths, with
+      ``impl="pallas"``) or ``highest``; None keeps JAX's default.
   """
 
   family: str = "gated_deltanet"
@@ -115,6 +123,8 @@ class TrainConfig:
   dtype: str = "float32"
   remat: bool = False
   model_options: str = ""
+  impl: str = "auto"
+  matmul_precision: str | None = None
 
 
 def parse_model_options(text: str) -> tuple[tuple[str, Any], ...]:
@@ -143,10 +153,10 @@ def _option_value(text: str) -> Any:
 
 
 def model_config(config: TrainConfig) -> ModelConfig:
-  """The preset of ``config`` with its ``dtype``, ``remat`` and ``model_options``."""
+  """The preset of ``config`` with its ``dtype``, ``remat``, ``impl`` and ``model_options``."""
   preset = PRESETS[(config.family, config.size)]
   options = dict(preset.options) | dict(parse_model_options(config.model_options))
-  return dataclasses.replace(preset, dtype=config.dtype, remat=config.remat,
+  return dataclasses.replace(preset, dtype=config.dtype, remat=config.remat, impl=config.impl,
                              options=tuple(options.items()))
 
 
@@ -169,6 +179,13 @@ def _check(config: TrainConfig) -> None:
     raise ValueError(f"TrainConfig.dtype must be one of {DTYPES}, got {config.dtype!r}")
   if not isinstance(config.remat, bool):
     raise ValueError(f"TrainConfig.remat must be a bool, got {config.remat!r}")
+  if config.impl not in IMPLS:
+    raise ValueError(f"TrainConfig.impl must be one of {IMPLS}, got {config.impl!r}")
+  try:
+    with jax.default_matmul_precision(config.matmul_precision):
+      pass
+  except ValueError as e:
+    raise ValueError(f"TrainConfig.matmul_precision={config.matmul_precision!r}: {e}") from e
   if parse_model_options(config.model_options):
     model = model_config(config)
     try:  # options no family of the model reads
@@ -229,6 +246,11 @@ def _plot(records: list[dict], path: str) -> None:
 def train(config: TrainConfig, workdir: str) -> dict:
   """Train (or resume) ``config`` in ``workdir``; returns the ``results.json`` dict."""
   _check(config)
+  with jax.default_matmul_precision(config.matmul_precision):
+    return _train(config, workdir)
+
+
+def _train(config: TrainConfig, workdir: str) -> dict:
   model = model_config(config)
   vocab = get_tokenizer(config.tokenizer).vocab_size
   if vocab > model.vocab:

@@ -8,6 +8,7 @@ import pytest
 
 import nlj_experiments
 from nlj.models import families
+from nlj.train import loop
 from nlj.train.loop import TrainConfig, model_config, parse_model_options, train
 from tests.train.events import event_files, read_events
 
@@ -61,12 +62,38 @@ def test_gated_deltanet_tiny_runs_and_resumes(tmp_path):
 @pytest.mark.parametrize("field, value", [("steps", 0), ("family", "nope"), ("tokenizer", "gpt2"),
                                           ("batch_size", 12), ("peak_flops", 0.0),
                                           ("warmup", 1000), ("dtype", "int8"),
-                                          ("remat", "yes"), ("model_options", "eta_scale")])
+                                          ("remat", "yes"), ("model_options", "eta_scale"),
+                                          ("matmul_precision", "bfloat17"), ("impl", "fast")])
 @pytest.mark.needs_8_devices
 def test_bad_config_names_the_field(tmp_path, field, value):
   config = dataclasses.replace(TrainConfig(), mesh="data:8", **{field: value})
   with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
     train(config, str(tmp_path))
+
+
+def test_matmul_precision_holds_while_the_steps_are_traced(tmp_path, monkeypatch):
+  """Every product that names no precision follows the config's, the kernels' included
+  (``tests/kernels/test_mlp_memory.py``), so the step must be traced under it."""
+  seen = []
+
+  def spying(make):
+    def make_step(*args, **kwargs):
+      step = make(*args, **kwargs)
+
+      def traced(*step_args):
+        seen.append((make.__name__, jax.config.jax_default_matmul_precision))
+        return step(*step_args)
+      return traced
+    return make_step
+
+  for name in ("make_train_step", "make_eval_step"):
+    monkeypatch.setattr(loop, name, spying(getattr(loop, name)))
+  config = TrainConfig(steps=2, batch_size=8, seq_len=16, warmup=1, log_every=1,
+                       checkpoint_every=2, eval_batches=1, matmul_precision="BF16_BF16_F32")
+  train(config, str(tmp_path))
+  assert sorted(set(seen)) == [("make_eval_step", "BF16_BF16_F32"),
+                               ("make_train_step", "BF16_BF16_F32")]
+  assert jax.config.jax_default_matmul_precision is None  # restored after the run
 
 
 def test_model_options_reach_the_preset():
@@ -77,6 +104,7 @@ def test_model_options_reach_the_preset():
   options = dict(model_config(config).options)
   assert options["eta_scale"] == 0.01 and options["momentum"] is False
   assert model_config(TrainConfig(family="hope", size="tiny")).options == ()
+  assert model_config(TrainConfig(family="hope", size="tiny", impl="pallas")).impl == "pallas"
 
 
 @pytest.mark.parametrize("text, match", [("eta_scale=", "not NAME=VALUE"),
