@@ -192,6 +192,11 @@ VARIANTS = {  # label: (op, launch options) of our kernel in --bench
     "pallas_titans_bv16": ("titans", {"block_v": 16}),
     "pallas_titans_bv128_w8": ("titans", {"block_v": 128, "num_warps": 8}),
     "pallas_titans_c32": ("titans_c32", {}),
+    "pallas_gdn_st1": ("gdn", {"num_stages": 1}),
+    "pallas_gdn_st2": ("gdn", {"num_stages": 2}),
+    "pallas_gdn_st3": ("gdn", {"num_stages": 3}),
+    "pallas_titans_st1": ("titans", {"num_stages": 1}),
+    "pallas_titans_st2": ("titans", {"num_stages": 2}),
 }
 PEERS = ("chunked", "jla")
 BENCH_OPS = {"gdn": OpConfig(64, "exact", "l2", "after", grad_at_retained=True),

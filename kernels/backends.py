@@ -28,12 +28,14 @@ def resolve_backend(backend: str | None, interpret: bool | None) -> tuple[str, b
   return backend, interpret
 
 
-def compiler_params(backend: str, num_warps: int, grid_dims: int = 3, parallel: bool = True):
+def compiler_params(backend: str, num_warps: int, grid_dims: int = 3, parallel: bool = True,
+                    num_stages: int = 1):
   """Triton or Mosaic-TPU parameters; on TPU every grid axis is parallel (programs are
-  independent) unless ``parallel=False``."""
+  independent) unless ``parallel=False``. ``num_stages``: Triton's software-pipelining depth of
+  a kernel's loops (loads of later iterations in flight during this one's products)."""
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if backend == "tpu":
     kind = "parallel" if parallel else "arbitrary"
     return pltpu.CompilerParams(dimension_semantics=(kind,) * grid_dims)
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)

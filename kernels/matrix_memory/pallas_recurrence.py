@@ -128,11 +128,11 @@ def _grid(coeffs: Sequence[jax.Array], s0: jax.Array, block_v: int):
   return (batch, heads, n, c, dk, dv), (batch, heads, dv // block_v)
 
 
-@functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "save_states", "interpret",
-                                             "poison", "backend"))
+@functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "num_stages", "save_states",
+                                             "interpret", "poison", "backend"))
 def forward(coeffs: tuple, s0: jax.Array, m0: jax.Array | None, *, block_v: int,
-            num_warps: int = 4, save_states: bool = False, interpret: bool = False,
-            poison: bool = False, backend: str = "triton"):
+            num_warps: int = 4, num_stages: int = 1, save_states: bool = False,
+            interpret: bool = False, poison: bool = False, backend: str = "triton"):
   """Run the recurrence over all chunks.
 
   Args:
@@ -142,6 +142,7 @@ def forward(coeffs: tuple, s0: jax.Array, m0: jax.Array | None, *, block_v: int,
       kernels accumulate in this dtype), m0 None without momentum.
     block_v: ``d_v`` columns per program.
     num_warps: Triton warps per program (ignored on TPU).
+    num_stages: Triton's pipelining depth of the loop over chunks (ignored on TPU).
     backend: ``"triton"`` (GPU) or ``"tpu"`` (Mosaic TPU); either runs with ``interpret``.
     save_states: also return the state (and momentum) at each chunk start, for the backward,
       in the fields' dtype.
@@ -175,7 +176,8 @@ def forward(coeffs: tuple, s0: jax.Array, m0: jax.Array | None, *, block_v: int,
     args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape[:2]]
     in_specs = in_specs + out_specs[:2]
   outs = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
-                        out_specs=out_specs, compiler_params=compiler_params(backend, num_warps),
+                        out_specs=out_specs,
+                        compiler_params=compiler_params(backend, num_warps, num_stages=num_stages),
                         input_output_aliases=aliases, interpret=interpret,
                         name="matrix_memory_fwd")(*args)
   outs = list(outs)
@@ -255,16 +257,18 @@ def _gradient_kernel(*refs, momentum: bool, block_v: int):
     store(dgm_ref, rows(m_ref, dm_ref))
 
 
-@functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "interpret", "backend"))
+@functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "num_stages", "interpret",
+                                             "backend"))
 def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: jax.Array,
              ds_end: jax.Array, dm_end: jax.Array | None, *, block_v: int, num_warps: int = 4,
-             interpret: bool = False, backend: str = "triton"):
+             num_stages: int = 1, interpret: bool = False, backend: str = "triton"):
   """Cotangents of :func:`forward` (see the module docstring), in two launches.
 
   Args:
     coeffs: as for :func:`forward`.
     states, mstates: the chunk-start states from ``forward(save_states=True)``.
     dy: ``[B, H, N, C, d_v]`` (in the chunk fields' dtype); ds_end, dm_end: ``[B, H, d_k, d_v]``.
+    num_stages: Triton's pipelining depth of pass 1's loop over chunks.
 
   Returns:
     a dict of the fields' cotangents (``vu, kw, qs, p, kd, gs`` and ``qm, km, mc, gm``; the
@@ -286,7 +290,7 @@ def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: ja
   in_specs = fields + [vals, state] + ([state] if momentum else [])
   outs = pl.pallas_call(functools.partial(_cotangent_kernel, n=n, momentum=momentum),
                         out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                        compiler_params=compiler_params(backend, num_warps),
+                        compiler_params=compiler_params(backend, num_warps, num_stages=num_stages),
                         interpret=interpret, name="matrix_memory_bwd_states")(*args)
   du, dstates, ds0 = outs[:3]
   dmstates, dm0 = outs[3:] if momentum else (None, None)

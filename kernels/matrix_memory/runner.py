@@ -28,7 +28,8 @@ from nlj_kernels.matrix_memory.pallas_tiles import TileShape
 from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, prepare
 from nlj_kernels.matrix_memory.recurrence import chunk_recurrence
 
-__all__ = ["run_level", "matrix_memory", "Launch", "launch_options", "default_block_v", "STAGE1"]
+__all__ = ["run_level", "matrix_memory", "Launch", "launch_options", "default_block_v",
+           "default_num_stages", "STAGE1"]
 
 
 class Launch(NamedTuple):
@@ -36,6 +37,7 @@ class Launch(NamedTuple):
 
   block_v: int | None
   num_warps: int
+  num_stages: int | None
   interpret: bool
   backend: str
   stage1: str
@@ -47,7 +49,7 @@ class Launch(NamedTuple):
 STAGE1 = ("pallas", "jax")
 
 
-def launch_options(block_v: int | None = None, num_warps: int = 4,
+def launch_options(block_v: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                    interpret: bool | None = None, backend: str | None = None,
                    stage1: str | None = None, inverse: str = "solve",
                    tiles_forward: tuple[int, int] | None = None,
@@ -58,6 +60,9 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
     block_v: ``d_v`` columns per program of the sequential kernels (the forward and the
       backward's first pass); default :func:`default_block_v`.
     num_warps: Triton warps per program of the recurrence kernels.
+    num_stages: Triton's software-pipelining depth of the sequential kernels' loop over chunks
+      (the next chunks' fields load while this chunk's products run); default
+      :func:`default_num_stages`.
     interpret: run the kernels in interpret mode; default: unless JAX runs on the device the
       backend compiles for.
     backend: ``"triton"`` or ``"tpu"``; default ``"tpu"`` on a TPU, else ``"triton"``.
@@ -77,7 +82,9 @@ def launch_options(block_v: int | None = None, num_warps: int = 4,
                      f"got stage1={stage1!r} with backend={backend!r}")
   inverse_named(inverse)  # a bad name fails here, before any tracing
   tiles = [None if x is None else TileShape(*x) for x in (tiles_forward, tiles_backward)]
-  return Launch(block_v, num_warps, interpret, backend, stage1, inverse, *tiles)
+  if num_stages is not None and (not isinstance(num_stages, int) or num_stages < 1):
+    raise ValueError(f"num_stages must be None or a positive int, got {num_stages!r}")
+  return Launch(block_v, num_warps, num_stages, interpret, backend, stage1, inverse, *tiles)
 
 
 SEQUENTIAL_PROGRAMS = 128  # about one per streaming multiprocessor of an H100 (132)
@@ -92,6 +99,25 @@ def default_block_v(batch: int, heads: int, d_v: int) -> int:
   while block > 32 and batch * heads * (d_v // block) < SEQUENTIAL_PROGRAMS:
     block //= 2
   return block
+
+
+STAGE_BYTES = 192 * 1024  # shared memory the pipelined chunk fields may take (H100: 227 KB)
+
+
+def default_num_stages(batch: int, heads: int, d_k: int, d_v: int, chunk: int, block_v: int,
+                       itemsize: int, momentum: bool) -> int:
+  """The sequential kernels' pipelining depth: 1 while they run at least
+  :data:`SEQUENTIAL_PROGRAMS` programs at ``d_v`` blocks of 64 (enough to fill the card), else
+  the deepest of 3, 2 whose buffered chunk fields fit :data:`STAGE_BYTES` (a chunk's
+  ``kw, qs, kd`` (+ ``qm, km``) ``[C, d_k]``, values ``[C, block_v]`` and ``p [C, C]`` per
+  stage). Few programs each walk many chunks, and each chunk waits on its loads unless they are
+  in flight: on an H100 at 1×16384×16×128 (bf16) 3 stages took Gated DeltaNet from 3.79 to
+  2.59 ms forward+backward and 2 took Titans' momentum from 5.63 to 3.67 ms, while at 8×2048
+  they gained nothing (BENCHMARKS.md, twelfth session); Titans at 3 stages asked for 299 KB."""
+  if batch * heads * (d_v // min(d_v, 64)) >= SEQUENTIAL_PROGRAMS:
+    return 1
+  per_stage = itemsize * chunk * ((5 if momentum else 3) * d_k + block_v + chunk)
+  return next((s for s in (3, 2) if s * per_stage <= STAGE_BYTES), 1)
 
 
 def _block_v(s0: jax.Array, block_v: int | None) -> int:
@@ -115,7 +141,10 @@ def _kernel_fields(coeffs: ChunkCoefficients, dtype) -> tuple:
 def _recur(coeffs: ChunkCoefficients, s0, m0, dtype, launch: Launch):
   fields = _kernel_fields(coeffs, dtype)
   block = _block_v(s0, launch.block_v)
-  return chunk_recurrence(fields, s0, m0, block, launch.num_warps, launch.interpret,
+  batch, heads, _, chunk, d_k = fields[0].shape
+  stages = launch.num_stages or default_num_stages(
+      batch, heads, d_k, s0.shape[-1], chunk, block, jnp.dtype(dtype).itemsize, m0 is not None)
+  return chunk_recurrence(fields, s0, m0, block, launch.num_warps, stages, launch.interpret,
                           launch.backend)
 
 
@@ -208,8 +237,9 @@ def matrix_memory(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array | N
     k, q: ``[B, T, H, d_k]``; v: ``[B, T, H, d_v]`` (float32 or bfloat16); q may be None.
     eta, alpha, beta: ``[B, T, H]``.
     s0: initial state ``S = Wᵀ [B, H, d_k, d_v]``; m0: momentum (with ``config.momentum``).
-    **launch: :func:`launch_options` (``block_v``, ``num_warps``, ``interpret``, ``backend``,
-      ``stage1``, ``inverse``, ``tiles_forward``, ``tiles_backward``).
+    **launch: :func:`launch_options` (``block_v``, ``num_warps``, ``num_stages``,
+      ``interpret``, ``backend``, ``stage1``, ``inverse``, ``tiles_forward``,
+      ``tiles_backward``).
 
   Returns:
     ``(y [B, T, H, d_v] in v's dtype or None, s [B, H, d_k, d_v] float32, m or None)``.

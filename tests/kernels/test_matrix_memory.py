@@ -8,6 +8,9 @@ forward and backward kernels lower to Triton for a Hopper GPU.
 
 from __future__ import annotations
 
+import itertools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +27,7 @@ from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.pallas_tiles import (TileShape, fit_shapes,
                                                      tiles_pallas)
 from nlj_kernels.matrix_memory.pallas_tiles_momentum import momentum_tiles_pallas
-from nlj_kernels.matrix_memory.runner import default_block_v
+from nlj_kernels.matrix_memory.runner import STAGE_BYTES, default_block_v, default_num_stages
 from nlj_kernels.matrix_memory.prepare import (ChunkScalars, MomentumScalars, ReadForm,
                                                chunk_tiles, momentum_tiles, prepare, to_chunks)
 from tests.core.helpers import max_diff, random_inputs, slice_inputs
@@ -335,6 +338,12 @@ def test_kernels_lower_to_triton_for_hopper(monkeypatch, momentum, dtype):
       x, x, x, s0).lower(lowering_platforms=("cuda",)).as_text()
   # ... and the tiles' forward and backward (the WY products, or the momentum tiles)
   assert staged.count("__gpu$xla.gpu.triton") == 5
+  # 2 heads of 1 sequence: the sequential kernels pipeline their loop over chunks
+  stages = dict(re.findall(r'name = "matrix_memory_(\w+)".*?num_stages = (\d+) : i32', staged))
+  want = default_num_stages(1, 2, 128, 128, 64, 32, jnp.dtype(dtype).itemsize, momentum)
+  tiles = "momentum_tiles" if momentum else "tiles"
+  assert stages == {f"{tiles}_fwd": "1", "fwd": str(want), "bwd_states": str(want),
+                    "bwd_chunks": "1", f"{tiles}_bwd": "1"}
 
 
 @pytest.mark.parametrize("family", ["gated_deltanet", "linear_attention"])
@@ -474,6 +483,24 @@ def test_default_block_v_keeps_the_sequential_kernels_busy():
   assert default_block_v(1, 1, 256) == 32
   assert default_block_v(1, 2, 16) == 16
   assert default_block_v(64, 2, 32) == 32
+
+
+def test_default_num_stages_pipelines_only_few_programs_within_shared_memory():
+  """1 stage where the sequential kernels fill the card; else 3 or 2 as the buffered chunk
+  fields fit (measured on an H100: Gated DeltaNet 3, Titans' momentum 2, at 1×16384 bf16)."""
+  bf16 = dict(d_k=128, d_v=128, chunk=64, block_v=32, itemsize=2)
+  assert default_num_stages(1, 16, **bf16, momentum=False) == 3
+  assert default_num_stages(1, 16, **bf16, momentum=True) == 2
+  assert default_num_stages(2, 16, **bf16, momentum=True) == 2
+  assert default_num_stages(4, 16, **bf16, momentum=False) == 1  # 128 programs of 64 columns
+  assert default_num_stages(8, 16, **dict(bf16, block_v=64), momentum=True) == 1
+  assert default_num_stages(1, 16, **dict(bf16, itemsize=4), momentum=False) == 1
+  assert default_num_stages(1, 16, **dict(bf16, d_k=256, d_v=256), momentum=False) == 1
+  for b, h, d, momentum, size in itertools.product((1, 2), (1, 16), (64, 128, 256),
+                                                   (False, True), (2, 4)):
+    stages = default_num_stages(b, h, d, d, 64, 32, size, momentum)
+    per_stage = size * 64 * ((5 if momentum else 3) * d + 32 + 64)
+    assert stages == 1 or stages * per_stage <= STAGE_BYTES
 
 
 def test_stage1_tile_shapes():
