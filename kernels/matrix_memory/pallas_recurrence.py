@@ -26,6 +26,10 @@ the chunk fields' dtype (bfloat16 for bfloat16 inputs, halving the backward's tr
 products round them to it anyway, so only the gate gradients' inner products ``⟨S, dS'⟩`` see the
 rounding; the carries stay in the state's dtype.
 
+The two sequential kernels take Triton's ``num_stages`` (the runner's
+:func:`~nlj_kernels.matrix_memory.runner.default_num_stages`): with few programs each walks many
+chunks, and pipelining the loop loads the next chunks' fields during this chunk's products.
+
 The same kernel bodies are compiled through Triton on GPU (``backend="triton"``) or Mosaic on TPU
 (``backend="tpu"``: per-chunk scalars in SMEM; pass 2 takes all of ``d_v`` at once);
 ``interpret=True`` runs either on any device (CPU in CI). Products follow
