@@ -310,6 +310,9 @@ def test_launch_options_name_bad_backends():
     run_level(make_level("gated_deltanet"), None, None, backend="tpu", stage1="pallas")
   with pytest.raises(ValueError, match="inverse must be one of"):
     run_level(make_level("gated_deltanet"), None, None, inverse="lu")
+  for bad in (0, 2.0):
+    with pytest.raises(ValueError, match=f"num_stages must be None or a positive int, got {bad}"):
+      run_level(make_level("gated_deltanet"), None, None, num_stages=bad)
 
 
 @pytest.mark.parametrize("momentum", [False, True])
