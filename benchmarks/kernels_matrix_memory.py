@@ -16,7 +16,9 @@ and with the plain-JAX stage 1, and Titans' linear memory with momentum), the ch
 of the same level (float32, as ``Level.run`` computes; launch, tile-shape and chunk-size variants
 of :data:`VARIANTS` by ``--variants``), and jax-linear-attention's Gated DeltaNet
 (Pallas Mosaic GPU and plain JAX) when ``jla`` is importable. Ceilings (bf16 matmul TFLOP/s,
-device copy GB/s) are measured in the same run. Prints a table and writes JSON.
+device copy GB/s) are measured in the same run. A variant or peer that fails (e.g. a kernel
+asking for more shared memory than the card has) is recorded as an error, not fatal. Prints a
+table and writes JSON.
 """
 
 from __future__ import annotations
@@ -63,8 +65,15 @@ def timed_ms(f, *args, repeats: int) -> float:
 
 
 def record(row: dict, key: str, f, *args, repeats: int) -> None:
-  """``row[key + "_ms"]`` (median) and ``row[key + "_first_s"]`` (compilation + one call)."""
-  row[f"{key}_first_s"], row[f"{key}_ms"] = timed(f, *args, repeats=repeats)
+  """``row[key + "_ms"]`` (median) and ``row[key + "_first_s"]`` (compilation + one call); a
+  failure (e.g. a kernel asking for more shared memory than the card has) goes to
+  ``row[key + "_error"]`` instead, so the other variants and peers still run."""
+  try:
+    row[f"{key}_first_s"], row[f"{key}_ms"] = timed(f, *args, repeats=repeats)
+  except Exception as error:  # recorded, not fatal
+    row[f"{key}_error"] = repr(error)[:300]
+    print(f"  {key}: error {row[f'{key}_error']}", flush=True)
+    return
   print(f"  {key}: {row[f'{key}_ms']:.3f} ms (first call {row[f'{key}_first_s']:.1f} s)",
         flush=True)
 
@@ -269,20 +278,17 @@ def bench(report: dict, repeats: int, shapes, variants: list[str], peers: list[s
     if linear_attention is not None:
       g_log = jnp.log(inp.alpha)
       for impl in ("mosaic_gpu", "chunked"):
-        try:
-          def jfwd(q, k, v, g_, beta, impl=impl):
-            return linear_attention("gated_deltanet", q, k, v, g=g_, beta=beta, impl=impl)[0]
-          def jloss(q, k, v, g_, beta, jfwd=jfwd):
-            return jnp.sum(jfwd(q, k, v, g_, beta).astype(jnp.float32) * dy.astype(jnp.float32))
-          args = (inp.q, inp.k, inp.v, g_log, inp.eta)
-          record(row, f"jla_{impl}_fwd", jax.jit(jfwd), *args, repeats=repeats)
-          record(row, f"jla_{impl}_fwdbwd", jax.jit(jax.grad(jloss, (0, 1, 2, 3, 4))), *args,
-                 repeats=repeats)
-        except Exception as error:  # a peer failing must not hide our numbers; recorded
-          row[f"jla_{impl}_error"] = repr(error)[:300]
+        def jfwd(q, k, v, g_, beta, impl=impl):
+          return linear_attention("gated_deltanet", q, k, v, g=g_, beta=beta, impl=impl)[0]
+        def jloss(q, k, v, g_, beta, jfwd=jfwd):
+          return jnp.sum(jfwd(q, k, v, g_, beta).astype(jnp.float32) * dy.astype(jnp.float32))
+        args = (inp.q, inp.k, inp.v, g_log, inp.eta)
+        record(row, f"jla_{impl}_fwd", jax.jit(jfwd), *args, repeats=repeats)
+        record(row, f"jla_{impl}_fwdbwd", jax.jit(jax.grad(jloss, (0, 1, 2, 3, 4))), *args,
+               repeats=repeats)
     for label in variants:
       op = VARIANTS[label][0]
-      if op.startswith("gdn"):
+      if op.startswith("gdn") and f"{label}_fwd_ms" in row:
         flops, nbytes = op_cost(b, t, h, d, BENCH_OPS[op].chunk)
         fwd_s = row[f"{label}_fwd_ms"] / 1e3
         row[f"{label}_fwd_tflops"] = flops / fwd_s / 1e12
@@ -296,14 +302,17 @@ def table(report: dict) -> str:
   cols = list(VARIANTS) + [f"{label}_stage1" for label in VARIANTS] + [
       "chunked_jax_gdn", "jla_mosaic_gpu", "jla_chunked"]
   rows = report.get("bench", [])
-  cols = [c for c in cols if any(f"{c}_fwd_ms" in row for row in rows)]
+  cols = [c for c in cols if any(f"{c}_{m}" in row for row in rows
+                                 for m in ("fwd_ms", "fwd_error", "fwdbwd_error"))]
   lines = ["| shape | " + " | ".join(f"{c} fwd / fwd+bwd ms" for c in cols) + " |",
            "|" + "---|" * (len(cols) + 1)]
   for row in rows:
     cells = []
     for c in cols:
-      f, fb = row.get(f"{c}_fwd_ms"), row.get(f"{c}_fwdbwd_ms")
-      cells.append("-" if f is None else f"{f:.2f} / {fb:.2f}" if fb else f"{f:.2f} / -")
+      f, fb = (row.get(f"{c}_{mode}_ms") for mode in ("fwd", "fwdbwd"))
+      cells.append(" / ".join(
+          f"{x:.2f}" if x is not None else "error" if f"{c}_{mode}_error" in row else "-"
+          for x, mode in ((f, "fwd"), (fb, "fwdbwd"))))
     lines.append(f"| {row['shape']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
