@@ -32,8 +32,7 @@ instead and is recorded as ``"pallas -> chunked (no kernel)"`` with the dispatch
 ``jax.default_matmul_precision`` of it, which every product without an explicit precision
 follows, the kernels' included (``BF16_BF16_F32``: bfloat16 operands, float32 accumulation,
 half the shared memory of float32 operands in op 2's kernels). A failing row is recorded, not
-fatal. Prints a table last and writes
-``kernels_layers.json`` under ``--out``.
+fatal. Prints a table last and writes ``kernels_layers.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -117,7 +116,8 @@ def watched_dispatch(seen: dict, fallbacks: dict) -> Iterator[None]:
 
 
 def split_impl(spec: str) -> tuple[str, str | None]:
-  """``"pallas:BF16_BF16_F32"`` -> ``("pallas", "BF16_BF16_F32")``; ``"chunked"`` -> ``(.., None)``."""
+  """``"pallas:BF16_BF16_F32"`` -> ``("pallas", "BF16_BF16_F32")``;
+  ``"chunked"`` -> ``("chunked", None)``."""
   impl, _, precision = spec.partition(":")
   return impl, precision or None
 

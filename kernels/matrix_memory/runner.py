@@ -91,14 +91,18 @@ SEQUENTIAL_PROGRAMS = 128  # about one per streaming multiprocessor of an H100 (
 
 
 def default_block_v(batch: int, heads: int, d_v: int) -> int:
-  """``min(d_v, 64)``, halved down to 32 while the sequential kernels would run fewer than
+  """``min(d_v, 64)``, or 32 where the sequential kernels would run fewer than
   :data:`SEQUENTIAL_PROGRAMS` programs (``batch · heads · d_v / block_v``): at batch 1 and 2 of
   16 heads, d_v 128, block 32 was faster on an H100 for Gated DeltaNet and Titans' momentum
   (BENCHMARKS.md, tenth session)."""
   block = min(d_v, 64)
-  while block > 32 and batch * heads * (d_v // block) < SEQUENTIAL_PROGRAMS:
-    block //= 2
-  return block
+  return block if block <= 32 or _fills_card(batch, heads, d_v) else 32
+
+
+def _fills_card(batch: int, heads: int, d_v: int) -> bool:
+  """Whether the sequential kernels run at least :data:`SEQUENTIAL_PROGRAMS` programs at
+  ``d_v`` blocks of ``min(d_v, 64)``."""
+  return batch * heads * (d_v // min(d_v, 64)) >= SEQUENTIAL_PROGRAMS
 
 
 STAGE_BYTES = 192 * 1024  # shared memory the pipelined chunk fields may take (H100: 227 KB)
@@ -114,7 +118,7 @@ def default_num_stages(batch: int, heads: int, d_k: int, d_v: int, chunk: int, b
   in flight: on an H100 at 1×16384×16×128 (bf16) 3 stages took Gated DeltaNet from 3.79 to
   2.59 ms forward+backward and 2 took Titans' momentum from 5.63 to 3.67 ms, while at 8×2048
   they gained nothing (BENCHMARKS.md, twelfth session); Titans at 3 stages asked for 299 KB."""
-  if batch * heads * (d_v // min(d_v, 64)) >= SEQUENTIAL_PROGRAMS:
+  if _fills_card(batch, heads, d_v):
     return 1
   per_stage = itemsize * chunk * ((5 if momentum else 3) * d_k + block_v + chunk)
   return next((s for s in (3, 2) if s * per_stage <= STAGE_BYTES), 1)
