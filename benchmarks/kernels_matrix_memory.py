@@ -18,7 +18,8 @@ of :data:`VARIANTS` by ``--variants``), and jax-linear-attention's Gated DeltaNe
 (Pallas Mosaic GPU and plain JAX) when ``jla`` is importable. Ceilings (bf16 matmul TFLOP/s,
 device copy GB/s) are measured in the same run. A variant or peer that fails (e.g. a kernel
 asking for more shared memory than the card has) is recorded as an error, not fatal. Prints a
-table and writes JSON.
+table and writes JSON. FLA's kernels (PyTorch) are timed by ``peers_fla.py`` in a process of its
+own on the same machine.
 """
 
 from __future__ import annotations
@@ -206,6 +207,10 @@ VARIANTS = {  # label: (op, launch options) of our kernel in --bench
     "pallas_gdn_st3": ("gdn", {"num_stages": 3}),
     "pallas_titans_st1": ("titans", {"num_stages": 1}),
     "pallas_titans_st2": ("titans", {"num_stages": 2}),
+    "pallas_gdn_bv16_st3": ("gdn", {"block_v": 16, "num_stages": 3}),
+    "pallas_gdn_bv64_st3": ("gdn", {"block_v": 64, "num_stages": 3}),
+    "pallas_titans_bv16_st2": ("titans", {"block_v": 16, "num_stages": 2}),
+    "pallas_titans_bv64_st2": ("titans", {"block_v": 64, "num_stages": 2}),
 }
 PEERS = ("chunked", "jla")
 BENCH_OPS = {"gdn": OpConfig(64, "exact", "l2", "after", grad_at_retained=True),
