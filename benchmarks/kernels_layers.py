@@ -20,15 +20,12 @@ the dispatcher (:func:`nlj.core.dispatch.resolve`) gave it while the row was tra
 outer scan of :func:`nlj.core.run_nested`) and the other four one ``chunk_others``-token chunk at
 a time inside it, so each kernel launch covers a single chunk. CMS levels call ``Level.run``
 with the default ``impl="auto"``, whatever the config says: the chunked JAX form (``mlp_memory``
-is opt-in, and above the tiny preset their widths and chunks exceed its limits). That form holds
-per-token fast weights, so a block's temporaries grow with ``d_model²`` per token: XLA's CPU
-buffer analysis gives 29 GB for forward+backward of a ``small`` block at 1×2048 and about 270 GB
-per 2048-token sequence at 760m width (the self-modifying Titans mixer alone: 13 GB at 760m,
-4×2048). A level no
-kernel covers under ``impl="pallas"`` would raise in the dispatcher; here it runs chunked
-instead and is recorded as ``"pallas -> chunked (no kernel)"`` with the dispatcher's reason under
-``fallbacks``. An impl may name a matmul precision after a colon, e.g.
-``--impls=chunked,chunked:BF16_BF16_F32,pallas:BF16_BF16_F32``: the row is traced under
+is opt-in, and above the tiny preset their widths and chunks exceed its limits). On an H100 the
+forward+backward of a ``small`` block at 1×2048 took 0.73 GB of XLA temporaries (BENCHMARKS.md,
+thirteenth session). A level no kernel covers under ``impl="pallas"`` would raise in the
+dispatcher; here it runs chunked instead and is recorded as ``"pallas -> chunked (no kernel)"``
+with the dispatcher's reason under ``fallbacks``. An impl may name a matmul precision after a
+colon, e.g. ``--impls=chunked,chunked:BF16_BF16_F32,pallas:BF16_BF16_F32``: the row is traced under
 ``jax.default_matmul_precision`` of it, which every product without an explicit precision
 follows, the kernels' included (``BF16_BF16_F32``: bfloat16 operands, float32 accumulation,
 half the shared memory of float32 operands in op 2's kernels). A failing row is recorded, not
