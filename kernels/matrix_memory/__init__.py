@@ -7,7 +7,8 @@ DeltaNet, Titans' linear memory with momentum, DGD matrix memories).
 * stage 1 -- :mod:`.prepare`: state-free per-chunk coefficients (JAX, all chunks in parallel);
   :mod:`.pallas_stage1` builds the tiles from :mod:`.prepare`'s per-token scalars in Pallas
   kernels instead (forward and backward; the default for compiled Triton kernels): the WY
-  products of :mod:`.pallas_tiles` without momentum, :mod:`.pallas_tiles_momentum` with it;
+  products of :mod:`.pallas_tiles` without momentum, :mod:`.pallas_tiles_momentum` with it
+  (whose read decays go back to their scalars by the kernel of :mod:`.pallas_momentum_reads`);
 * stage 2 -- :mod:`.pallas_recurrence`: the recurrence over chunks, a forward Pallas kernel and
   a backward in two (a sequential pass for the state cotangents, a chunk-parallel pass for the
   gradients; Triton on GPU, Mosaic on TPU, ``interpret=True`` on CPU), joined by the custom VJP

@@ -20,9 +20,10 @@ of ``X``)::
     V̄ = s ⊙ V̄u ;  s̄ = rowsum(V ⊙ V̄u) + rowsum(K ⊙ K̄a) ;  r̄ead = rowsum(Q ⊙ Q̄s) ; ...
     Z = tril(P̄ ∘ a) ;  Q̄ += Z K ;  K̄ += Zᵀ Q ;  ā = tril(P̄ ∘ Q Kᵀ)
 
-and returns ``q̄m``, ``d̄ecay`` and ``ā``, which go back through ``momentum_reads`` by
-``jax.vjp`` in plain JAX (its ``[C, C]`` products kept out of the kernel, where they made the
-backward three times slower on an H100: BENCHMARKS.md, eleventh session);
+and returns ``q̄m``, ``d̄ecay`` and ``ā``, which go back through ``momentum_reads`` by the
+hand-derived rules of :mod:`.pallas_momentum_reads`, a kernel of their own (their ``[C, C]``
+products kept out of this kernel, where they made the backward three times slower on an H100:
+BENCHMARKS.md, eleventh session);
 :func:`~nlj_kernels.matrix_memory.prepare.chunk_parts` differentiates the scalars on to η, α
 and β. Blocks above the diagonal are zeros and are not computed; anchor reads (``qm = a = 0``,
 ``P = 0``) skip ``Γ``.
@@ -36,7 +37,8 @@ import jax.numpy as jnp
 from nlj_kernels.matrix_memory.pallas_tiles import (Finish, TileKernels, TileShape,
                                                     differentiable_tiles, ratio_block, row_block,
                                                     store_blocks)
-from nlj_kernels.matrix_memory.prepare import MomentumScalars, ReadForm, momentum_reads
+from nlj_kernels.matrix_memory.pallas_momentum_reads import READ_INPUTS, momentum_reads_backward
+from nlj_kernels.matrix_memory.prepare import MomentumScalars, ReadForm
 from nlj_kernels.products import dot
 
 __all__ = ["momentum_tiles_pallas"]
@@ -156,19 +158,17 @@ def _backward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
     store_blocks(dscale_refs[name], grads[name])
 
 
-_READ_INPUTS = ("last", "log_read", "log_g", "log_b", "mask")  # what momentum_reads reads
-
-
-def _read_decay_cotangents(form: ReadForm, scalars: MomentumScalars, outputs) -> MomentumScalars:
+def _read_decay_cotangents(form: ReadForm, scalars: MomentumScalars, outputs, interpret: bool,
+                           backend: str) -> MomentumScalars:
   """The scalars' cotangents from the backward kernel's (those of ``s, read, km, qm, decay``
   and ``a``): ``qm``, ``decay`` and ``a`` go back through
-  :func:`~nlj_kernels.matrix_memory.prepare.momentum_reads` by ``jax.vjp`` in plain JAX."""
+  :func:`~nlj_kernels.matrix_memory.prepare.momentum_reads` by the kernel of
+  :mod:`.pallas_momentum_reads`."""
   d_s, d_read, d_km, d_qm, d_decay, d_a = outputs
   w = scalars
-  reads = lambda *x: momentum_reads(form, w._replace(**dict(zip(_READ_INPUTS, x))))
-  _, vjp = jax.vjp(jax.vmap(jax.vmap(jax.vmap(reads))), *(getattr(w, n) for n in _READ_INPUTS))
-  return w._replace(s=d_s, read=d_read, km=d_km,
-                    **dict(zip(_READ_INPUTS, vjp((d_qm, d_decay, d_a)))))
+  reads = momentum_reads_backward(form, tuple(getattr(w, n) for n in READ_INPUTS), d_qm,
+                                  d_decay, d_a, interpret=interpret, backend=backend)
+  return w._replace(s=d_s, read=d_read, km=d_km, **dict(zip(READ_INPUTS, reads)))
 
 
 def _tile_widths(form: ReadForm, size: int, dk: int, dv: int) -> list[int]:

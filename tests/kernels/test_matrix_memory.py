@@ -26,10 +26,12 @@ from nlj_kernels.matrix_memory import (OpConfig, launch_options, matrix_memory, 
 from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.pallas_tiles import (TileShape, fit_shapes,
                                                      tiles_pallas)
+from nlj_kernels.matrix_memory.pallas_momentum_reads import READ_INPUTS, momentum_reads_backward
 from nlj_kernels.matrix_memory.pallas_tiles_momentum import momentum_tiles_pallas
 from nlj_kernels.matrix_memory.runner import STAGE_BYTES, default_block_v, default_num_stages
 from nlj_kernels.matrix_memory.prepare import (ChunkScalars, MomentumScalars, ReadForm,
-                                               chunk_tiles, momentum_tiles, prepare, to_chunks)
+                                               chunk_tiles, momentum_reads, momentum_tiles,
+                                               prepare, to_chunks)
 from tests.core.helpers import max_diff, random_inputs, slice_inputs
 
 # (objective, rule, semantics, read): every combination the kernel covers, by family
@@ -328,25 +330,27 @@ def test_kernels_lower_to_triton_for_hopper(monkeypatch, momentum, dtype):
   g = jnp.ones((1, 128, 2))
   s0 = jnp.zeros((1, 2, 128, 128))
 
-  def loss(k, v, q, s0, stage1="jax"):
-    y, s, _ = matrix_memory(config, k, v, q, g, g, g, s0, s0 if momentum else None,
+  def loss(k, v, q, s0, gates, stage1="jax"):
+    y, s, _ = matrix_memory(config, k, v, q, gates, gates, gates, s0, s0 if momentum else None,
                             interpret=False, stage1=stage1)
     return jnp.sum(y.astype(jnp.float32)) + jnp.sum(s)
 
-  text = jax.jit(jax.grad(loss, (0, 1, 2, 3))).trace(x, x, x, s0).lower(
+  text = jax.jit(jax.grad(loss, (0, 1, 2, 3, 4))).trace(x, x, x, s0, g).lower(
       lowering_platforms=("cuda",)).as_text()
   # stage 2: forward and the two backward passes (stage 1 in plain JAX by default) ...
   assert text.count("__gpu$xla.gpu.triton") == 3
-  staged = jax.jit(jax.grad(lambda *a: loss(*a, stage1="pallas"), (0, 1, 2, 3))).trace(
-      x, x, x, s0).lower(lowering_platforms=("cuda",)).as_text()
-  # ... and the tiles' forward and backward (the WY products, or the momentum tiles)
-  assert staged.count("__gpu$xla.gpu.triton") == 5
+  staged = jax.jit(jax.grad(lambda *a: loss(*a, stage1="pallas"), (0, 1, 2, 3, 4))).trace(
+      x, x, x, s0, g).lower(lowering_platforms=("cuda",)).as_text()
+  # ... and the tiles' forward and backward (the WY products, or the momentum tiles and the
+  # backward of their read decays)
+  assert staged.count("__gpu$xla.gpu.triton") == (6 if momentum else 5)
   # 2 heads of 1 sequence: the sequential kernels pipeline their loop over chunks
   stages = dict(re.findall(r'name = "matrix_memory_(\w+)".*?num_stages = (\d+) : i32', staged))
   want = default_num_stages(1, 2, 128, 128, 64, 32, jnp.dtype(dtype).itemsize, momentum)
   tiles = "momentum_tiles" if momentum else "tiles"
+  reads = {"momentum_reads_bwd": "1"} if momentum else {}
   assert stages == {f"{tiles}_fwd": "1", "fwd": str(want), "bwd_states": str(want),
-                    "bwd_chunks": "1", f"{tiles}_bwd": "1"}
+                    "bwd_chunks": "1", f"{tiles}_bwd": "1", **reads}
 
 
 @pytest.mark.parametrize("family", ["gated_deltanet", "linear_attention"])
@@ -475,6 +479,35 @@ def test_momentum_stage1_kernels_equal_plain_jax(chunk, form, shapes):
     kernel = lambda k, v, q, s: momentum_tiles_pallas(form, k, v, q, s, chunk, forward=forward,
                                                       backward=backward, interpret=True)
     _assert_tiles_and_grads_equal(kernel, reference, k, v, q, scalars)
+
+
+@pytest.mark.parametrize("form", [(True, False, False), (False, True, False), (True, True, True)])
+def test_momentum_reads_backward_kernel_equals_vjp(form):
+  """The hand-derived backward of the read decays (one program per chunk) against ``jax.vjp`` of
+  :func:`momentum_reads`, for plain, strict and anchor reads, with a momentum reset and padding;
+  ``ā`` is lower triangular, as the tiles' backward kernel writes it."""
+  form, chunk = ReadForm(*form), 32
+  with jax.enable_x64(True):
+    keys = jax.random.split(jax.random.PRNGKey(3), 8)
+    uniform = lambda i: jax.random.uniform(keys[i], (2, 2, 3, chunk), jnp.float64)
+    log_g = jnp.cumsum(jnp.log(0.8 + 0.2 * uniform(0)), -1)
+    log_b = jnp.cumsum(jnp.log(0.5 + 0.5 * uniform(1)).at[:, :, 1, chunk // 2].set(-30.0), -1)
+    mask = jnp.ones_like(log_g).at[:, :, :, -3:].set(0.0)
+    reads = (uniform(2) * mask, log_g - 0.1 * uniform(3), log_g, log_b, mask)
+    d_qm, d_decay = uniform(4) - 0.5, uniform(5) - 0.5
+    d_a = jnp.tril(jax.random.normal(keys[6], (2, 2, 3, chunk, chunk), jnp.float64))
+
+    def one(*x):
+      names = ("last", "log_read", "log_g", "log_b", "mask")
+      zeros = jnp.zeros_like(x[0])
+      scalars = MomentumScalars(zeros, zeros, zeros, **dict(zip(names, x)))
+      return momentum_reads(form, scalars)
+    _, vjp = jax.vjp(jax.vmap(jax.vmap(jax.vmap(one))), *reads)
+    want = vjp((d_qm, d_decay, d_a))
+    got = momentum_reads_backward(form, reads, d_qm, d_decay, d_a, interpret=True)
+    for name, w, g in zip(READ_INPUTS, want, got):
+      np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12, err_msg=name)
+    assert form.reads_anchor or float(jnp.max(jnp.abs(got[1]))) > 1e-3  # log_read is used
 
 
 def test_default_block_v_keeps_the_sequential_kernels_busy():
