@@ -1,7 +1,8 @@
 """The backward of the momentum read decays as a Pallas kernel, one program per chunk.
 
 :func:`~nlj_kernels.matrix_memory.prepare.momentum_reads` forms, from a chunk's per-token
-``last, log_read, log_g, log_b, mask`` (:class:`~nlj_kernels.matrix_memory.prepare.MomentumScalars`)::
+``last, log_read, log_g, log_b, mask``
+(:class:`~nlj_kernels.matrix_memory.prepare.MomentumScalars`)::
 
     E_ji = exp(log_b_j - log_b_i) (i <= j) ;  R_tj = exp(log_read_t - log_g_j) (j <= t; j < t
     for strict reads) ;  Γ = R ⊙ mask_j
