@@ -12,8 +12,8 @@ The momentum tiles' backward kernel returns the cotangents ``q̄m, d̄ecay [C]``
 this kernel takes them back to the five scalars by the hand-derived rules::
 
     Γ̄ = ā Eᵀ + q̄m exp(log_b)ᵀ ;  Ē = Γᵀ ā + last d̄ecayᵀ ;  Z = Γ̄ ⊙ Γ ;  Y = Ē ⊙ E
-    l̄ast = E d̄ecay ;  l̄og_read = rowsum Z ;  l̄og_g = -colsum Z ;  m̄ask = colsum(Γ̄ ⊙ R)
-    l̄og_b = rowsum Y - colsum Y + exp(log_b) ⊙ colsum(Γ ⊙ q̄m)
+    l̄ast = E d̄ecay ;  l̄og_read = rowsum Z ;  m̄ask = colsum(Γ̄ ⊙ R) ;  l̄og_g = -mask ⊙ m̄ask
+    l̄og_b = rowsum Y - colsum Y + exp(log_b) ⊙ mask ⊙ colsum(R ⊙ q̄m)
 
 (anchor reads have ``qm = a = 0``: only the ``decay`` terms). ``jax.vjp`` of ``momentum_reads``
 in XLA, which this replaces, ran the two ``[C, C]`` products as batched GEMMs and the sums as
@@ -53,13 +53,14 @@ def _kernel(last_ref, log_read_ref, log_g_ref, log_b_ref, mask_ref, dqm_ref, dde
   d_read, d_g, d_mask, d_b = zeros, zeros, zeros, zeros
   if not form.reads_anchor:  # Γ̄ is used up before Ē is formed (fewer live [C, C] arrays)
     r = ratio_block(load(log_read_ref), load(log_g_ref), diagonal=True, strict=form.strict)
-    gamma = r * load(mask_ref)[None, :]
+    mask = load(mask_ref)
+    gamma = r * mask[None, :]
     da, dqm, exp_b = load(da_ref), load(dqm_ref), jnp.exp(log_b)
     gamma_bar = dot(da, e, trans_b=True) + dqm[:, None] * exp_b[None, :]
-    z = gamma_bar * gamma
-    d_read, d_g = jnp.sum(z, axis=1), -jnp.sum(z, axis=0)
+    d_read = jnp.sum(gamma_bar * gamma, axis=1)
     d_mask = jnp.sum(gamma_bar * r, axis=0)
-    d_b = exp_b * jnp.sum(gamma * dqm[:, None], axis=0)
+    d_g = -mask * d_mask  # colsum Z = mask ⊙ colsum(Γ̄ ⊙ R), as Γ = R ⊙ mask_j
+    d_b = exp_b * mask * jnp.sum(r * dqm[:, None], axis=0)
     e_bar = e_bar + dot(gamma, da, trans_a=True)
   y = e_bar * e
   d_b = d_b + jnp.sum(y, axis=1) - jnp.sum(y, axis=0)

@@ -498,9 +498,8 @@ def test_momentum_reads_backward_kernel_equals_vjp(form):
     d_a = jnp.tril(jax.random.normal(keys[6], (2, 2, 3, chunk, chunk), jnp.float64))
 
     def one(*x):
-      names = ("last", "log_read", "log_g", "log_b", "mask")
       zeros = jnp.zeros_like(x[0])
-      scalars = MomentumScalars(zeros, zeros, zeros, **dict(zip(names, x)))
+      scalars = MomentumScalars(zeros, zeros, zeros, **dict(zip(READ_INPUTS, x)))
       return momentum_reads(form, scalars)
     _, vjp = jax.vjp(jax.vmap(jax.vmap(jax.vmap(one))), *reads)
     want = vjp((d_qm, d_decay, d_a))
