@@ -18,7 +18,7 @@ this kernel takes them back to the five scalars by the hand-derived rules::
 (anchor reads have ``qm = a = 0``: only the ``decay`` terms). ``jax.vjp`` of ``momentum_reads``
 in XLA, which this replaces, ran the two ``[C, C]`` products as batched GEMMs and the sums as
 separate reduction passes over ``[C, C]`` arrays in memory; here each chunk's matrices stay in
-the program. On an H100 at 1×16384×16×128 (bf16) the kernel takes 0.24 ms of device time, and
+the program. On an H100 at 1×16384×16×128 (bf16) the kernel takes 0.23 ms of device time, and
 Titans' forward+backward went from 3.24 to 3.13 ms of device time (BENCHMARKS.md, thirteenth
 session). Products follow ``jax_default_matmul_precision``, as the XLA products did.
 """
