@@ -9,18 +9,22 @@
     decay = lastᵀ E ;  qm = Γ exp(log_b) ;  a = Γ E
 
 The momentum tiles' backward kernel returns the cotangents ``q̄m, d̄ecay [C]`` and ``ā [C, C]``;
-this kernel takes them back to the five scalars by the hand-derived rules::
+this kernel takes them back to the five scalars by hand-derived rules. With ``Γ̄ = ā Eᵀ +
+q̄m exp(log_b)ᵀ`` and ``Ē = Γᵀ ā + last d̄ecayᵀ`` the rules need one ``[C, C]`` product,
+``M = Rᵀ ā`` (``Γᵀ ā = mask ⊙ M``), and the forward's saved ``a``::
 
-    Γ̄ = ā Eᵀ + q̄m exp(log_b)ᵀ ;  Ē = Γᵀ ā + last d̄ecayᵀ ;  Z = Γ̄ ⊙ Γ ;  Y = Ē ⊙ E
-    l̄ast = E d̄ecay ;  l̄og_read = rowsum Z ;  m̄ask = colsum(Γ̄ ⊙ R) ;  l̄og_g = -mask ⊙ m̄ask
-    l̄og_b = rowsum Y - colsum Y + exp(log_b) ⊙ mask ⊙ colsum(R ⊙ q̄m)
+    rowsum(Γ̄ ⊙ Γ) = rowsum(ā ⊙ a) + q̄m ⊙ qm ;  colsum(Γ̄ ⊙ R) = rowsum(E ⊙ M) + exp(log_b) ⊙ Rᵀ q̄m
+    l̄ast = E d̄ecay ;  l̄og_read = rowsum(Γ̄ ⊙ Γ) ;  m̄ask = colsum(Γ̄ ⊙ R) ;  l̄og_g = -mask ⊙ m̄ask
+    Y = Ē ⊙ E ;  l̄og_b = rowsum Y - colsum Y + exp(log_b) ⊙ mask ⊙ Rᵀ q̄m
 
 (anchor reads have ``qm = a = 0``: only the ``decay`` terms). ``jax.vjp`` of ``momentum_reads``
-in XLA, which this replaces, ran the two ``[C, C]`` products as batched GEMMs and the sums as
-separate reduction passes over ``[C, C]`` arrays in memory; here each chunk's matrices stay in
-the program. On an H100 at 1×16384×16×128 (bf16) the kernel takes 0.23 ms of device time, and
-Titans' forward+backward went from 3.24 to 3.13 ms of device time (BENCHMARKS.md, thirteenth
-session). Products follow ``jax_default_matmul_precision``, as the XLA products did.
+in XLA, which this replaces, ran the two ``[C, C]`` products of ``Γ̄`` and ``Ē`` as batched GEMMs
+and the sums as separate reduction passes over ``[C, C]`` arrays in memory; here each chunk's
+matrices stay in the program. On an H100 at 1×16384×16×128 (bf16) the kernel with both products
+took 0.23 ms of device time, and Titans' forward+backward went from 3.24 to 3.13 ms of device
+time (BENCHMARKS.md, thirteenth session). Products follow ``jax_default_matmul_precision``, as
+the XLA products did; ``a`` comes in the dtype the forward saved it in (bf16 for bf16 inputs,
+where the tiles' backward reads the same rounded ``a``).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ READ_INPUTS = ("last", "log_read", "log_g", "log_b", "mask")  # what momentum_re
 
 
 def _kernel(last_ref, log_read_ref, log_g_ref, log_b_ref, mask_ref, dqm_ref, ddecay_ref, da_ref,
-            *out_refs, form: ReadForm):
+            a_ref, *out_refs, form: ReadForm):
   wide = jnp.promote_types(last_ref.dtype, jnp.float32)
   load = lambda ref: ref[...].astype(wide)
   last, log_b, ddecay = load(last_ref), load(log_b_ref), load(ddecay_ref)
@@ -51,17 +55,17 @@ def _kernel(last_ref, log_read_ref, log_g_ref, log_b_ref, mask_ref, dqm_ref, dde
   e_bar = last[:, None] * ddecay[None, :]
   zeros = jnp.zeros_like(last)
   d_read, d_g, d_mask, d_b = zeros, zeros, zeros, zeros
-  if not form.reads_anchor:  # Γ̄ is used up before Ē is formed (fewer live [C, C] arrays)
+  if not form.reads_anchor:
     r = ratio_block(load(log_read_ref), load(log_g_ref), diagonal=True, strict=form.strict)
-    mask = load(mask_ref)
-    gamma = r * mask[None, :]
-    da, dqm, exp_b = load(da_ref), load(dqm_ref), jnp.exp(log_b)
-    gamma_bar = dot(da, e, trans_b=True) + dqm[:, None] * exp_b[None, :]
-    d_read = jnp.sum(gamma_bar * gamma, axis=1)
-    d_mask = jnp.sum(gamma_bar * r, axis=0)
-    d_g = -mask * d_mask  # colsum Z = mask ⊙ colsum(Γ̄ ⊙ R), as Γ = R ⊙ mask_j
-    d_b = exp_b * mask * jnp.sum(r * dqm[:, None], axis=0)
-    e_bar = e_bar + dot(gamma, da, trans_a=True)
+    mask, da, dqm, exp_b = load(mask_ref), load(da_ref), load(dqm_ref), jnp.exp(log_b)
+    qm = jnp.sum(r * (mask * exp_b)[None, :], axis=1)
+    d_read = jnp.sum(da * load(a_ref), axis=1) + dqm * qm
+    rt_dqm = jnp.sum(r * dqm[:, None], axis=0)
+    m = dot(r, da, trans_a=True)  # Rᵀ ā [j, i]
+    d_mask = jnp.sum(e * m, axis=1) + exp_b * rt_dqm
+    d_g = -mask * d_mask  # colsum(Γ̄ ⊙ Γ) = mask ⊙ colsum(Γ̄ ⊙ R), as Γ = R ⊙ mask_j
+    d_b = exp_b * mask * rt_dqm
+    e_bar = e_bar + mask[:, None] * m
   y = e_bar * e
   d_b = d_b + jnp.sum(y, axis=1) - jnp.sum(y, axis=0)
   for ref, x in zip(out_refs, (d_last, d_read, d_g, d_b, d_mask)):
@@ -70,7 +74,7 @@ def _kernel(last_ref, log_read_ref, log_g_ref, log_b_ref, mask_ref, dqm_ref, dde
 
 @functools.partial(jax.jit, static_argnames=("form", "num_warps", "interpret", "backend"))
 def momentum_reads_backward(form: ReadForm, reads: tuple[jax.Array, ...], dqm: jax.Array,
-                            ddecay: jax.Array, da: jax.Array, *, num_warps: int = 4,
+                            ddecay: jax.Array, da: jax.Array, a: jax.Array, *, num_warps: int = 4,
                             interpret: bool = False, backend: str = "triton"
                             ) -> tuple[jax.Array, ...]:
   """Cotangents of ``momentum_reads``' inputs (module docstring), every chunk in parallel.
@@ -79,6 +83,8 @@ def momentum_reads_backward(form: ReadForm, reads: tuple[jax.Array, ...], dqm: j
     form: the tiles' static shape (strict reads, anchor reads).
     reads: the scalars of :data:`READ_INPUTS`, each ``[B, H, N, C]``.
     dqm, ddecay: ``[B, H, N, C]``; da: ``[B, H, N, C, C]`` (zero above the diagonal).
+    a: ``[B, H, N, C, C]``, the ``a`` the forward saved (any float dtype; unused for anchor
+      reads).
 
   Returns:
     The cotangents of :data:`READ_INPUTS`, each ``[B, H, N, C]`` in the scalars' dtype.
@@ -88,6 +94,6 @@ def momentum_reads_backward(form: ReadForm, reads: tuple[jax.Array, ...], dqm: j
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in reads]
   return tuple(pl.pallas_call(
       functools.partial(_kernel, form=form), out_shape=out_shape, grid=(batch, heads, n),
-      in_specs=[scalar] * (len(reads) + 2) + [tile(size)], out_specs=[scalar] * len(reads),
+      in_specs=[scalar] * (len(reads) + 2) + [tile(size)] * 2, out_specs=[scalar] * len(reads),
       compiler_params=compiler_params(backend, num_warps), interpret=interpret,
-      name="matrix_memory_momentum_reads_bwd")(*reads, dqm, ddecay, da))
+      name="matrix_memory_momentum_reads_bwd")(*reads, dqm, ddecay, da, a))

@@ -283,7 +283,8 @@ def _widths(form: ReadForm, size: int, dk: int, dv: int) -> tuple[int, ...]:
 class Finish(NamedTuple):
   """The last step of a backward after its kernel: the backward kernel's scalar outputs
   (``"token"`` ``[B, H, N, C]`` or ``"chunk"`` ``[B, H, N, C, C]``, in the scalars' dtype) and
-  ``cotangents(form, scalars, outputs, interpret, backend) -> the scalars' cotangents``."""
+  ``cotangents(form, scalars, saved, outputs, interpret, backend) -> the scalars'
+  cotangents`` (``saved``: the forward's saved ``[C, C]`` matrices)."""
 
   outputs: tuple[str, ...]
   cotangents: Callable
@@ -414,7 +415,8 @@ def differentiable_tiles(kernels: TileKernels, scalars_type: type) -> Callable:
                                     form=form, shape=shapes[1], interpret=interpret,
                                     backend=backend)
     if kernels.finish is not None:
-      return dk, dv, dq, kernels.finish.cotangents(form, scalars, outputs, interpret, backend)
+      return dk, dv, dq, kernels.finish.cotangents(form, scalars, saved, outputs, interpret,
+                                                   backend)
     return dk, dv, dq, scalars_type(*outputs)
 
   tiles.defvjp(tiles_fwd, tiles_bwd)

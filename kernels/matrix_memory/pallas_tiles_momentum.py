@@ -158,16 +158,16 @@ def _backward_kernel(k_ref, v_ref, q_ref, *refs, block: int, form: ReadForm):
     store_blocks(dscale_refs[name], grads[name])
 
 
-def _read_decay_cotangents(form: ReadForm, scalars: MomentumScalars, outputs, interpret: bool,
-                           backend: str) -> MomentumScalars:
+def _read_decay_cotangents(form: ReadForm, scalars: MomentumScalars, saved, outputs,
+                           interpret: bool, backend: str) -> MomentumScalars:
   """The scalars' cotangents from the backward kernel's (those of ``s, read, km, qm, decay``
   and ``a``): ``qm``, ``decay`` and ``a`` go back through
   :func:`~nlj_kernels.matrix_memory.prepare.momentum_reads` by the kernel of
-  :mod:`.pallas_momentum_reads`."""
+  :mod:`.pallas_momentum_reads`, which also reads the forward's saved ``a``."""
   d_s, d_read, d_km, d_qm, d_decay, d_a = outputs
   w = scalars
   reads = momentum_reads_backward(form, tuple(getattr(w, n) for n in READ_INPUTS), d_qm,
-                                  d_decay, d_a, interpret=interpret, backend=backend)
+                                  d_decay, d_a, saved[0], interpret=interpret, backend=backend)
   return w._replace(s=d_s, read=d_read, km=d_km, **dict(zip(READ_INPUTS, reads)))
 
 

@@ -485,7 +485,8 @@ def test_momentum_stage1_kernels_equal_plain_jax(chunk, form, shapes):
 def test_momentum_reads_backward_kernel_equals_vjp(form):
   """The hand-derived backward of the read decays (one program per chunk) against ``jax.vjp`` of
   :func:`momentum_reads`, for plain, strict and anchor reads, with a momentum reset and padding;
-  ``ā`` is lower triangular, as the tiles' backward kernel writes it."""
+  ``ā`` is lower triangular, as the tiles' backward kernel writes it, and ``a`` is the forward's
+  (the kernel reads it as the tiles' forward saved it)."""
   form, chunk = ReadForm(*form), 32
   with jax.enable_x64(True):
     keys = jax.random.split(jax.random.PRNGKey(3), 8)
@@ -501,9 +502,9 @@ def test_momentum_reads_backward_kernel_equals_vjp(form):
       zeros = jnp.zeros_like(x[0])
       scalars = MomentumScalars(zeros, zeros, zeros, **dict(zip(READ_INPUTS, x)))
       return momentum_reads(form, scalars)
-    _, vjp = jax.vjp(jax.vmap(jax.vmap(jax.vmap(one))), *reads)
+    (_, _, a), vjp = jax.vjp(jax.vmap(jax.vmap(jax.vmap(one))), *reads)
     want = vjp((d_qm, d_decay, d_a))
-    got = momentum_reads_backward(form, reads, d_qm, d_decay, d_a, interpret=True)
+    got = momentum_reads_backward(form, reads, d_qm, d_decay, d_a, a, interpret=True)
     for name, w, g in zip(READ_INPUTS, want, got):
       np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12, err_msg=name)
     assert form.reads_anchor or float(jnp.max(jnp.abs(got[1]))) > 1e-3  # log_read is used
