@@ -185,7 +185,8 @@ VARIANTS = {  # label: (op, launch options) of our kernel in --bench
     "pallas_gdn_tiles16": ("gdn", {"tiles_backward": (16, 4)}),
     "pallas_gdn_tiles32w4": ("gdn", {"tiles_backward": (32, 4)}),
     "pallas_gdn_tiles32": ("gdn", {"tiles_backward": (32, 8)}),
-    "pallas_gdn_tiles64w4": ("gdn", {"tiles_backward": (64, 4)}),
+    "pallas_gdn_tiles64w4": ("gdn", {"tiles_backward": (64, 4)}),  # the default (14th session)
+    "pallas_gdn_tiles64w8": ("gdn", {"tiles_backward": (64, 8)}),  # the default before
     "pallas_gdn_fwd16": ("gdn", {"tiles_forward": (16, 4)}),
     "pallas_gdn_fwd32w4": ("gdn", {"tiles_forward": (32, 4)}),
     "pallas_gdn_fwd64w8": ("gdn", {"tiles_forward": (64, 8)}),

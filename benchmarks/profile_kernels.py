@@ -4,7 +4,8 @@ profiler trace (CUPTI) of a few calls.
     python benchmarks/profile_kernels.py --what=gdn_fwdbwd --shape=8x2048x16x128 --out=DIR
 
 ``--what`` names a function of :data:`TARGETS`: the matrix-memory op at Gated DeltaNet or
-Titans-momentum semantics, forward or forward+backward (``--shape=BxTxHxD``, ``--stage1``), or
+Titans-momentum semantics, forward or forward+backward (``--shape=BxTxHxD``, ``--stage1``,
+``--inverse``, ``--tiles_forward`` / ``--tiles_backward`` as ``BLOCK,WARPS``), or
 ``train_step``, one AdamW step of a preset LM (``--model=FAMILY:SIZE``, ``--shape=BxT``,
 ``--dtype``, ``--remat``, ``--layers``), or ``layer_fwd`` / ``layer_fwdbwd``, a module of
 :mod:`kernels_layers` (``--module``, ``--model=FAMILY:SIZE`` for the size, ``--impl``,
@@ -108,12 +109,21 @@ def device_kernels(trace_dir: str) -> list[dict]:
           for n, us in totals.most_common()]
 
 
+def _pair(text: str) -> tuple[int, int]:
+  """``"64,4"`` -> ``(64, 4)``."""
+  block, warps = text.split(",")
+  return int(block), int(warps)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--what", default="gdn_fwdbwd", choices=TARGETS)
   parser.add_argument("--shape", default="8x2048x16x128", help="BxTxHxD")
   parser.add_argument("--stage1", default=None, help="launch option stage1 (default: the op's)")
   parser.add_argument("--inverse", default=None, help="launch option inverse (default: the op's)")
+  for name in ("tiles_forward", "tiles_backward"):
+    parser.add_argument(f"--{name}", default=None, type=_pair,
+                        help=f"launch option {name} as BLOCK,WARPS (default: the op's)")
   parser.add_argument("--model", default="hope:small", help="train_step: FAMILY:SIZE preset")
   parser.add_argument("--dtype", default="bfloat16", help="train_step: compute dtype")
   parser.add_argument("--remat", action="store_true", help="train_step: ModelConfig.remat")
@@ -125,7 +135,9 @@ def main() -> None:
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--out", default="/tmp/profile_kernels")
   args = parser.parse_args()
-  launch = {k: v for k, v in (("stage1", args.stage1), ("inverse", args.inverse)) if v}
+  launch = {k: v for k, v in (("stage1", args.stage1), ("inverse", args.inverse),
+                              ("tiles_forward", args.tiles_forward),
+                              ("tiles_backward", args.tiles_backward)) if v}
   shape = tuple(map(int, args.shape.split("x")))
   if args.what == "train_step":
     f, inp = build_train_step(args.model, shape, args.dtype, args.remat, args.layers)

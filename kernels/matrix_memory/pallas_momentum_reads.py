@@ -13,8 +13,10 @@ this kernel takes them back to the five scalars by hand-derived rules. With ``Γ
 q̄m exp(log_b)ᵀ`` and ``Ē = Γᵀ ā + last d̄ecayᵀ`` the rules need one ``[C, C]`` product,
 ``M = Rᵀ ā`` (``Γᵀ ā = mask ⊙ M``), and the forward's saved ``a``::
 
-    rowsum(Γ̄ ⊙ Γ) = rowsum(ā ⊙ a) + q̄m ⊙ qm ;  colsum(Γ̄ ⊙ R) = rowsum(E ⊙ M) + exp(log_b) ⊙ Rᵀ q̄m
-    l̄ast = E d̄ecay ;  l̄og_read = rowsum(Γ̄ ⊙ Γ) ;  m̄ask = colsum(Γ̄ ⊙ R) ;  l̄og_g = -mask ⊙ m̄ask
+    rowsum(Γ̄ ⊙ Γ) = rowsum(ā ⊙ a) + q̄m ⊙ qm
+    colsum(Γ̄ ⊙ R) = rowsum(E ⊙ M) + exp(log_b) ⊙ Rᵀ q̄m
+    l̄ast = E d̄ecay ;  l̄og_read = rowsum(Γ̄ ⊙ Γ) ;  m̄ask = colsum(Γ̄ ⊙ R)
+    l̄og_g = -mask ⊙ m̄ask
     Y = Ē ⊙ E ;  l̄og_b = rowsum Y - colsum Y + exp(log_b) ⊙ mask ⊙ Rᵀ q̄m
 
 (anchor reads have ``qm = a = 0``: only the ``decay`` terms). ``jax.vjp`` of ``momentum_reads``

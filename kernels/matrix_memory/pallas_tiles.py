@@ -14,13 +14,13 @@ queries read straight from the ``[B, T, H, ·]`` inputs) the kernels compute
 (:func:`nlj.core.triangular.blocked_inverse`), the others by block forward substitution
 ``T_ij = -D_i Σ_{j<=m<i} N_im T_mj``; every product is a small matrix-unit tile and nothing of
 size ``C × C`` is live at once. The forward and backward kernels take their own block and warp
-counts (:data:`FORWARD`, :data:`BACKWARD`: the fastest measured on an H100 at chunk 64, head
-dim 128; BENCHMARKS.md). When differentiated, the forward also saves each chunk's ``T`` and
-``E ⊙ G`` (``[C, C]``: in the products' dtype when narrower than float32, as the forward's
-products round ``T`` to it and ``E ⊙ G`` only feeds the gradients of the gates and steps; else
-in the scalars' dtype, the values it computed), so the backward kernel
-loads them instead of redoing the inverse and the Gram products, and applies hand-derived rules
-(``X̄`` is the cotangent of ``X``)::
+counts (by default :data:`FORWARD`, :data:`BACKWARD`, or a :class:`TileKernels`' own
+``shapes``: the fastest measured on an H100 at chunk 64, head dim 128; BENCHMARKS.md). When
+differentiated, the forward also saves each chunk's ``T`` and ``E ⊙ G`` (``[C, C]``: in the
+products' dtype when narrower than float32, as the forward's products round ``T`` to it and
+``E ⊙ G`` only feeds the gradients of the gates and steps; else in the scalars' dtype, the
+values it computed), so the backward kernel loads them instead of redoing the inverse and the
+Gram products, and applies hand-derived rules (``X̄`` is the cotangent of ``X``)::
 
     x̄ = Tᵀ Ȳ for each Y = T x ;  T̄ = Σ Ȳ xᵀ (lower blocks) ;  N̄ = -Tᵀ T̄ Tᵀ (strictly lower)
     N = b ⊙ E ⊙ G (E_ti = exp(lp_t - lg_i), G = K Kᵀ):  Ḡ = N̄ ⊙ b E ;  K̄ += Ḡ K + Ḡᵀ K ;
@@ -64,7 +64,7 @@ class TileShape(NamedTuple):
 
 
 FORWARD = TileShape(64, 4)
-BACKWARD = TileShape(64, 8)
+BACKWARD = TileShape(64, 4)  # 10% less device time than 8 warps on an H100 (fourteenth session)
 
 
 def ratio_block(log_rows: jax.Array, log_cols: jax.Array, diagonal: bool, strict: bool
@@ -293,8 +293,9 @@ class Finish(NamedTuple):
 class TileKernels(NamedTuple):
   """A forward and a backward tiles kernel (bodies ``(k_ref, v_ref, q_ref, *refs, block,
   form)``), the widths of the tiles they write (``widths(form, size, d_k, d_v)``), the name
-  their launches take (``_fwd``/``_bwd`` appended) and how many ``[C, C]`` matrices (in
-  :func:`saved_dtype`) the forward saves for the backward when differentiated.
+  their launches take (``_fwd``/``_bwd`` appended), how many ``[C, C]`` matrices (in
+  :func:`saved_dtype`) the forward saves for the backward when differentiated, and the default
+  (forward, backward) :class:`TileShape` (:func:`fit_shapes` fits their blocks to the chunk).
 
   The forward's refs are the scalars, the tiles, then the saved matrices (none when not
   differentiated); the backward's are the scalars, the tiles' cotangents, the saved matrices,
@@ -307,6 +308,7 @@ class TileKernels(NamedTuple):
   widths: Callable[[ReadForm, int, int, int], Sequence[int]]
   name: str
   saved: int = 0
+  shapes: tuple[TileShape, TileShape] = (FORWARD, BACKWARD)
   finish: Finish | None = None
 
 
@@ -364,16 +366,17 @@ def _backward(k, v, q, scalars, saved, cotangents, *, kernels, size, form, shape
                             k, v, q, *scalars, *cotangents, *saved)
 
 
-def fit_shapes(size: int, forward: TileShape | None = None, backward: TileShape | None = None
+def fit_shapes(size: int, forward: TileShape | None = None, backward: TileShape | None = None,
+               defaults: tuple[TileShape, TileShape] = (FORWARD, BACKWARD)
                ) -> tuple[TileShape, TileShape]:
   """The tiles kernels' shapes for chunk ``size``: a given shape is checked (its block a power
   of two of at least 16 dividing ``size``, as Triton's blocks must be; warps a power of two), a
-  default (:data:`FORWARD`, :data:`BACKWARD`) takes the largest such block up to its own."""
+  default (``defaults``: forward, backward) takes the largest such block up to its own."""
   if size % 16:
     raise ValueError(f"the stage-1 kernels need chunk % 16 == 0, got chunk={size}")
   power_of_two = lambda x: x >= 1 and not x & (x - 1)
   out = []
-  for name, given, default in (("forward", forward, FORWARD), ("backward", backward, BACKWARD)):
+  for name, given, default in zip(("forward", "backward"), (forward, backward), defaults):
     if given is None:
       block = max(b for b in range(16, min(default.block, size) + 1, 16)
                   if size % b == 0 and power_of_two(b))
@@ -425,8 +428,8 @@ def differentiable_tiles(kernels: TileKernels, scalars_type: type) -> Callable:
     if k.shape[1] % size:
       raise ValueError(f"the stage-1 kernels need T % chunk == 0, got chunk={size}, "
                        f"T={k.shape[1]}")
-    return tiles(size, form, fit_shapes(size, *shapes), interpret, backend, k, v.astype(k.dtype),
-                 q.astype(k.dtype), scalars_type(*scalars))
+    return tiles(size, form, fit_shapes(size, *shapes, defaults=kernels.shapes), interpret,
+                 backend, k, v.astype(k.dtype), q.astype(k.dtype), scalars_type(*scalars))
   return run
 
 

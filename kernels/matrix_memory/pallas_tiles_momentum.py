@@ -22,8 +22,9 @@ of ``X``)::
 
 and returns ``q̄m``, ``d̄ecay`` and ``ā``, which go back through ``momentum_reads`` by the
 hand-derived rules of :mod:`.pallas_momentum_reads`, a kernel of their own (their ``[C, C]``
-products kept out of this kernel, where they made the backward three times slower on an H100:
-BENCHMARKS.md, eleventh session);
+products kept out of this kernel: inside it the two products of the eleventh session made it
+three times slower on an H100, and the one product of the fourteenth 55% slower, more than the
+separate kernel takes; BENCHMARKS.md);
 :func:`~nlj_kernels.matrix_memory.prepare.chunk_parts` differentiates the scalars on to η, α
 and β. Blocks above the diagonal are zeros and are not computed; anchor reads (``qm = a = 0``,
 ``P = 0``) skip ``Γ``.
@@ -34,14 +35,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nlj_kernels.matrix_memory.pallas_tiles import (Finish, TileKernels, TileShape,
+from nlj_kernels.matrix_memory.pallas_tiles import (FORWARD, Finish, TileKernels, TileShape,
                                                     differentiable_tiles, ratio_block, row_block,
                                                     store_blocks)
 from nlj_kernels.matrix_memory.pallas_momentum_reads import READ_INPUTS, momentum_reads_backward
 from nlj_kernels.matrix_memory.prepare import MomentumScalars, ReadForm
 from nlj_kernels.products import dot
 
-__all__ = ["momentum_tiles_pallas"]
+__all__ = ["momentum_tiles_pallas", "MOMENTUM_BACKWARD"]
+
+# The backward's default shape: 8 warps take 12% less time than 4 here on an H100, unlike the
+# WY backward (fourteenth session, BENCHMARKS.md).
+MOMENTUM_BACKWARD = TileShape(64, 8)
 
 ROW_TILES = (("vu", "s", 1), ("qs", "read", 2), ("qm", "qm", 2), ("kd", "decay", 0),
              ("km", "km", 0), ("ka", "s", 0))  # (tile, row scale, input: 0 k, 1 v, 2 q)
@@ -178,8 +183,9 @@ def _tile_widths(form: ReadForm, size: int, dk: int, dv: int) -> list[int]:
 
 _tiles = differentiable_tiles(
     TileKernels(_forward_kernel, _backward_kernel, _tile_widths, "matrix_memory_momentum_tiles",
-                saved=1, finish=Finish(("token",) * len(BACKWARD_SCALES) + ("chunk",),
-                                       _read_decay_cotangents)),
+                saved=1, shapes=(FORWARD, MOMENTUM_BACKWARD),
+                finish=Finish(("token",) * len(BACKWARD_SCALES) + ("chunk",),
+                              _read_decay_cotangents)),
     MomentumScalars)
 
 

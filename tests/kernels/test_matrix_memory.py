@@ -27,7 +27,7 @@ from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.pallas_tiles import (TileShape, fit_shapes,
                                                      tiles_pallas)
 from nlj_kernels.matrix_memory.pallas_momentum_reads import READ_INPUTS, momentum_reads_backward
-from nlj_kernels.matrix_memory.pallas_tiles_momentum import momentum_tiles_pallas
+from nlj_kernels.matrix_memory.pallas_tiles_momentum import MOMENTUM_BACKWARD, momentum_tiles_pallas
 from nlj_kernels.matrix_memory.runner import STAGE_BYTES, default_block_v, default_num_stages
 from nlj_kernels.matrix_memory.prepare import (ChunkScalars, MomentumScalars, ReadForm,
                                                chunk_tiles, momentum_reads, momentum_tiles,
@@ -351,6 +351,9 @@ def test_kernels_lower_to_triton_for_hopper(monkeypatch, momentum, dtype):
   reads = {"momentum_reads_bwd": "1"} if momentum else {}
   assert stages == {f"{tiles}_fwd": "1", "fwd": str(want), "bwd_states": str(want),
                     "bwd_chunks": "1", f"{tiles}_bwd": "1", **reads}
+  # the tiles kernels launch with their own default warps (momentum's backward: 8)
+  warps = dict(re.findall(r'name = "matrix_memory_(\w+)".*?num_warps = (\d+) : i32', staged))
+  assert (warps[f"{tiles}_fwd"], warps[f"{tiles}_bwd"]) == ("4", "8" if momentum else "4")
 
 
 @pytest.mark.parametrize("family", ["gated_deltanet", "linear_attention"])
@@ -542,12 +545,16 @@ def test_default_num_stages_pipelines_only_few_programs_within_shared_memory():
 def test_stage1_tile_shapes():
   """Defaults fit the chunk (the largest power of two from 16 up to the measured block that
   divides it); given shapes that do not fit raise, naming the kernel and the rule."""
-  assert fit_shapes(64) == (TileShape(64, 4), TileShape(64, 8))
-  assert fit_shapes(128) == (TileShape(64, 4), TileShape(64, 8))
-  assert fit_shapes(32) == (TileShape(32, 4), TileShape(32, 8))
-  assert fit_shapes(48) == (TileShape(16, 4), TileShape(16, 8))
-  assert fit_shapes(16) == (TileShape(16, 4), TileShape(16, 8))
-  assert fit_shapes(64, (64, 2)) == (TileShape(64, 2), TileShape(64, 8))
+  assert fit_shapes(64) == (TileShape(64, 4), TileShape(64, 4))
+  assert fit_shapes(128) == (TileShape(64, 4), TileShape(64, 4))
+  assert fit_shapes(32) == (TileShape(32, 4), TileShape(32, 4))
+  assert fit_shapes(48) == (TileShape(16, 4), TileShape(16, 4))
+  assert fit_shapes(16) == (TileShape(16, 4), TileShape(16, 4))
+  assert fit_shapes(64, (64, 2)) == (TileShape(64, 2), TileShape(64, 4))
+  momentum = (TileShape(64, 4), MOMENTUM_BACKWARD)  # the momentum tiles' defaults
+  assert fit_shapes(64, defaults=momentum) == (TileShape(64, 4), TileShape(64, 8))
+  assert fit_shapes(32, defaults=momentum) == (TileShape(32, 4), TileShape(32, 8))
+  assert fit_shapes(64, None, (32, 2), defaults=momentum) == (TileShape(64, 4), TileShape(32, 2))
   with pytest.raises(ValueError, match="backward block=32 must be a power of two, at least 16, "
                                        "dividing the chunk 48"):
     fit_shapes(48, None, (32, 4))
