@@ -24,9 +24,10 @@ in XLA, which this replaces, ran the two ``[C, C]`` products of ``Γ̄`` and ``�
 and the sums as separate reduction passes over ``[C, C]`` arrays in memory; here each chunk's
 matrices stay in the program. On an H100 at 1×16384×16×128 (bf16) the kernel with both products
 took 0.23 ms of device time, and Titans' forward+backward went from 3.24 to 3.13 ms of device
-time (BENCHMARKS.md, thirteenth session). Products follow ``jax_default_matmul_precision``, as
-the XLA products did; ``a`` comes in the dtype the forward saved it in (bf16 for bf16 inputs,
-where the tiles' backward reads the same rounded ``a``).
+time (BENCHMARKS.md, thirteenth session); with one product it takes 0.17 ms (fourteenth).
+Products follow ``jax_default_matmul_precision``, as the XLA products did; ``a`` comes in the
+dtype the forward saved it in (bf16 for bf16 inputs, where the tiles' backward reads the same
+rounded ``a``).
 """
 
 from __future__ import annotations
