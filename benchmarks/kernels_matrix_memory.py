@@ -141,19 +141,23 @@ def check(report: dict, cases: list[int], stage1: str | None) -> None:
                        ref_state.memory["w"], -1, -2)),
                    "grad_rel": max(rel(a, r) for a, r in zip(g, g_ref) if a is not None)})
       print("check", rows[-1], flush=True)
-    config = OpConfig(64, "exact", "l2", "after", grad_at_retained=True)  # poisoned outputs
-    inp = inputs(jax.random.PRNGKey(3), 2, 256, 4, 128)
-    coeffs = prepare(config, *inp[:3], inp.eta, inp.alpha, inp.beta, jnp.ones(inp.eta.shape))
-    fields = tuple(getattr(coeffs, f) for f in pallas_recurrence.CHUNK_FIELDS)
-    s0 = jax.random.normal(jax.random.PRNGKey(4), (2, 4, 128, 128))
-    interpret = launch_options().interpret
-    clean = pallas_recurrence.forward(fields, s0, None, block_v=64, interpret=interpret)
-    poisoned = pallas_recurrence.forward(fields, s0, None, block_v=64, poison=True,
-                                         interpret=interpret)
-    ok = all(bool(jnp.all(jnp.isfinite(p))) and bool(jnp.all(p == c))
-             for p, c in zip(poisoned[:2], clean[:2]))
-    rows.append({"level": "poisoned outputs all written and equal", "ok": ok})
-    print("check", rows[-1], flush=True)
+    for mom in (False, True):  # poisoned outputs
+      config = OpConfig(64, "boundary" if mom else "exact", "l2", "after", momentum=mom,
+                        grad_at_retained=not mom)
+      inp = inputs(jax.random.PRNGKey(3), 2, 256, 4, 128)
+      coeffs = prepare(config, *inp[:3], inp.eta, inp.alpha, inp.beta, jnp.ones(inp.eta.shape))
+      names = pallas_recurrence.CHUNK_FIELDS + (pallas_recurrence.MOMENTUM_FIELDS if mom else ())
+      fields = tuple(getattr(coeffs, f) for f in names)
+      s0 = jax.random.normal(jax.random.PRNGKey(4), (2, 4, 128, 128))
+      run = lambda poison: pallas_recurrence.forward(
+          fields, s0, jnp.cos(s0) if mom else None, block_v=64, poison=poison,
+          interpret=launch_options().interpret)
+      clean, poisoned = run(False), run(True)
+      ok = all(bool(jnp.all(jnp.isfinite(p))) and bool(jnp.all(p == c))
+               for p, c in zip(poisoned[:2], clean[:2]))
+      rows.append({"level": f"poisoned outputs all written and equal "
+                            f"({'titans_linear' if mom else 'gated_deltanet'})", "ok": ok})
+      print("check", rows[-1], flush=True)
   report["check"] = rows
 
 

@@ -124,6 +124,9 @@ def main() -> None:
   for name in ("tiles_forward", "tiles_backward"):
     parser.add_argument(f"--{name}", default=None, type=_pair,
                         help=f"launch option {name} as BLOCK,WARPS (default: the op's)")
+  for name in ("block_v", "num_stages", "num_warps"):
+    parser.add_argument(f"--{name}", default=None, type=int,
+                        help=f"launch option {name} (default: the op's)")
   parser.add_argument("--model", default="hope:small", help="train_step: FAMILY:SIZE preset")
   parser.add_argument("--dtype", default="bfloat16", help="train_step: compute dtype")
   parser.add_argument("--remat", action="store_true", help="train_step: ModelConfig.remat")
@@ -135,9 +138,8 @@ def main() -> None:
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--out", default="/tmp/profile_kernels")
   args = parser.parse_args()
-  launch = {k: v for k, v in (("stage1", args.stage1), ("inverse", args.inverse),
-                              ("tiles_forward", args.tiles_forward),
-                              ("tiles_backward", args.tiles_backward)) if v}
+  launch = {k: getattr(args, k) for k in ("stage1", "inverse", "tiles_forward", "tiles_backward",
+                                          "block_v", "num_stages", "num_warps") if getattr(args, k)}
   shape = tuple(map(int, args.shape.split("x")))
   if args.what == "train_step":
     f, inp = build_train_step(args.model, shape, args.dtype, args.remat, args.layers)

@@ -206,15 +206,20 @@ def test_bfloat16_inputs_relative_error(momentum, stage1):
     assert rel(getattr(grads, name), getattr(want_grads, name)) < 1e-2, name
 
 
-def test_every_output_element_is_written():
-  config = OpConfig(16, "exact", "l2", "after", grad_at_retained=True)
-  level = make_level("gated_deltanet", 16, 32)
+@pytest.mark.parametrize("momentum", [False, True])
+def test_every_output_element_is_written(momentum):
+  """Outputs written into NaN-filled buffers equal the clean ones, with and without momentum."""
+  config = OpConfig(16, "boundary" if momentum else "exact", "l2", "after", momentum=momentum,
+                    grad_at_retained=not momentum)
+  level = make_level("titans_momentum" if momentum else "gated_deltanet", 16, 32)
   inputs = random_inputs(level, 2, 48, seed=17, dtype=jnp.float32)
   coeffs = prepare(config, *inputs, jnp.ones((2, 48, 2)))
-  fields = tuple(getattr(coeffs, f) for f in pallas_recurrence.CHUNK_FIELDS)
+  names = pallas_recurrence.CHUNK_FIELDS + (pallas_recurrence.MOMENTUM_FIELDS if momentum else ())
+  fields = tuple(getattr(coeffs, f) for f in names)
   s0 = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 16, 32))
-  clean = pallas_recurrence.forward(fields, s0, None, block_v=16, interpret=True)
-  poisoned = pallas_recurrence.forward(fields, s0, None, block_v=16, poison=True, interpret=True)
+  m0 = jnp.cos(s0) if momentum else None
+  clean = pallas_recurrence.forward(fields, s0, m0, block_v=16, interpret=True)
+  poisoned = pallas_recurrence.forward(fields, s0, m0, block_v=16, poison=True, interpret=True)
   for got, want in zip(poisoned[:2], clean[:2]):
     assert bool(jnp.all(jnp.isfinite(got)))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
