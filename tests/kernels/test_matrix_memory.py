@@ -47,6 +47,7 @@ COVERED = {
     "titans_momentum": (L2(), Rule("gd", momentum=True), "boundary", "after"),
     "titans_momentum_before": (L2(), Rule("gd", momentum=True), "boundary", "before"),
     "titans_momentum_boundary_read": (L2(), Rule("gd", momentum=True), "boundary", "boundary"),
+    "hebbian_momentum": (DotProduct(), Rule("gd", momentum=True), "boundary", "after"),
 }
 
 
