@@ -41,7 +41,7 @@ from nlj_kernels.matrix_memory import OpConfig, matrix_memory, run_level
 from nlj_kernels.matrix_memory import pallas_recurrence
 from nlj_kernels.matrix_memory.pallas_stage1 import prepare_pallas
 from nlj_kernels.matrix_memory.prepare import prepare
-from nlj_kernels.matrix_memory.runner import launch_options
+from nlj_kernels.matrix_memory.runner import kernel_fields, launch_options
 from timing import timed
 
 CHECK_CASES = (  # (level, head dim, batch, length): lengths the chunk of 64 does not divide
@@ -146,8 +146,7 @@ def check(report: dict, cases: list[int], stage1: str | None) -> None:
                         grad_at_retained=not mom)
       inp = inputs(jax.random.PRNGKey(3), 2, 256, 4, 128)
       coeffs = prepare(config, *inp[:3], inp.eta, inp.alpha, inp.beta, jnp.ones(inp.eta.shape))
-      names = pallas_recurrence.CHUNK_FIELDS + (pallas_recurrence.MOMENTUM_FIELDS if mom else ())
-      fields = tuple(getattr(coeffs, f) for f in names)
+      fields = kernel_fields(coeffs, jnp.float32)
       s0 = jax.random.normal(jax.random.PRNGKey(4), (2, 4, 128, 128))
       run = lambda poison: pallas_recurrence.forward(
           fields, s0, jnp.cos(s0) if mom else None, block_v=64, poison=poison,

@@ -5,7 +5,8 @@ profiler trace (CUPTI) of a few calls.
 
 ``--what`` names a function of :data:`TARGETS`: the matrix-memory op at Gated DeltaNet or
 Titans-momentum semantics, forward or forward+backward (``--shape=BxTxHxD``, ``--stage1``,
-``--inverse``, ``--tiles_forward`` / ``--tiles_backward`` as ``BLOCK,WARPS``), or
+``--inverse``, ``--tiles_forward`` / ``--tiles_backward`` as ``BLOCK,WARPS``, ``--block_v``,
+``--num_stages``, ``--num_warps``), or
 ``train_step``, one AdamW step of a preset LM (``--model=FAMILY:SIZE``, ``--shape=BxT``,
 ``--dtype``, ``--remat``, ``--layers``), or ``layer_fwd`` / ``layer_fwdbwd``, a module of
 :mod:`kernels_layers` (``--module``, ``--model=FAMILY:SIZE`` for the size, ``--impl``,

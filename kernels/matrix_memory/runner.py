@@ -29,7 +29,7 @@ from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, prepare
 from nlj_kernels.matrix_memory.recurrence import chunk_recurrence
 
 __all__ = ["run_level", "matrix_memory", "Launch", "launch_options", "default_block_v",
-           "default_num_stages", "STAGE1"]
+           "default_num_stages", "kernel_fields", "STAGE1"]
 
 
 class Launch(NamedTuple):
@@ -133,8 +133,9 @@ def _block_v(s0: jax.Array, block_v: int | None) -> int:
   return block
 
 
-def _kernel_fields(coeffs: ChunkCoefficients, dtype) -> tuple:
-  """Stage-2 operands: matrices in the inputs' dtype, scalars in float32."""
+def kernel_fields(coeffs: ChunkCoefficients, dtype) -> tuple:
+  """Stage-2 operands in :mod:`.pallas_recurrence`'s field order (with momentum when
+  ``coeffs.qm`` is set): matrices in ``dtype``, scalars as they are (float32 or float64)."""
   names = pallas_recurrence.CHUNK_FIELDS
   if coeffs.qm is not None:
     names = names + pallas_recurrence.MOMENTUM_FIELDS
@@ -143,7 +144,7 @@ def _kernel_fields(coeffs: ChunkCoefficients, dtype) -> tuple:
 
 
 def _recur(coeffs: ChunkCoefficients, s0, m0, dtype, launch: Launch):
-  fields = _kernel_fields(coeffs, dtype)
+  fields = kernel_fields(coeffs, dtype)
   block = _block_v(s0, launch.block_v)
   batch, heads, _, chunk, d_k = fields[0].shape
   stages = launch.num_stages or default_num_stages(

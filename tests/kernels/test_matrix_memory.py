@@ -28,7 +28,8 @@ from nlj_kernels.matrix_memory.pallas_tiles import (TileShape, fit_shapes,
                                                      tiles_pallas)
 from nlj_kernels.matrix_memory.pallas_momentum_reads import READ_INPUTS, momentum_reads_backward
 from nlj_kernels.matrix_memory.pallas_tiles_momentum import MOMENTUM_BACKWARD, momentum_tiles_pallas
-from nlj_kernels.matrix_memory.runner import STAGE_BYTES, default_block_v, default_num_stages
+from nlj_kernels.matrix_memory.runner import (STAGE_BYTES, default_block_v, default_num_stages,
+                                              kernel_fields)
 from nlj_kernels.matrix_memory.prepare import (ChunkScalars, MomentumScalars, ReadForm,
                                                chunk_tiles, momentum_reads, momentum_tiles,
                                                prepare, to_chunks)
@@ -215,8 +216,7 @@ def test_every_output_element_is_written(momentum):
   level = make_level("titans_momentum" if momentum else "gated_deltanet", 16, 32)
   inputs = random_inputs(level, 2, 48, seed=17, dtype=jnp.float32)
   coeffs = prepare(config, *inputs, jnp.ones((2, 48, 2)))
-  names = pallas_recurrence.CHUNK_FIELDS + (pallas_recurrence.MOMENTUM_FIELDS if momentum else ())
-  fields = tuple(getattr(coeffs, f) for f in names)
+  fields = kernel_fields(coeffs, jnp.float32)
   s0 = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 16, 32))
   m0 = jnp.cos(s0) if momentum else None
   clean = pallas_recurrence.forward(fields, s0, m0, block_v=16, interpret=True)
