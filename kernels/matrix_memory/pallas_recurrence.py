@@ -40,7 +40,7 @@ The same kernel bodies are compiled through Triton on GPU (``backend="triton"``)
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,16 @@ __all__ = ["forward", "backward", "CHUNK_FIELDS", "MOMENTUM_FIELDS"]
 CHUNK_FIELDS = ("kw", "vu", "qs", "p", "kd", "gs")
 GRADIENT_COLUMNS = 64  # d_v columns at a time in the backward's chunk-parallel pass (GPU)
 MOMENTUM_FIELDS = ("qm", "km", "mc", "gm")
+
+
+def _ahead(momentum: bool) -> bool:
+  """Whether the sequential kernels load each chunk's scalars one step ahead and carry them.
+  Triton pipelines only the loads that feed products, so a scalar loaded in its own step waits
+  for global memory on the recurrence's critical path. On an H100, loading Titans' three ahead
+  cut its forward by 2-13% and its whole fwd+bwd by 0.5-4.2%; Gated DeltaNet's one gained
+  nothing in the forward and its pass 1 lost 4-8% (BENCHMARKS.md, sixteenth session), so its
+  kernels load it where it is used."""
+  return momentum
 
 
 def _specs(n: int, c: int, dk: int, bv: int, momentum: bool, backend: str):
@@ -75,12 +85,16 @@ def _specs(n: int, c: int, dk: int, bv: int, momentum: bool, backend: str):
   return fields, vals, state, states
 
 
-def _scalar_reader():
-  """``read(ref, c)``: chunk ``c``'s scalar from a ``[N]`` block or, on TPU, from the whole
+def _scalar_reader(refs: Sequence) -> Callable[[jax.Array], tuple]:
+  """``at(c)``: chunk ``c``'s scalar from each ref, a ``[N]`` block or, on TPU, the whole
   ``[B, H, N]`` array at this program's (batch, head). Call at the kernel's top level (program
-  ids are not available inside loop bodies in interpret mode)."""
+  ids are not available inside loop bodies in interpret mode).
+
+  With momentum the sequential kernels load the next chunk's three scalars at the top of each
+  step and carry them into it (:func:`_ahead`)."""
   b, h = pl.program_id(0), pl.program_id(1)
-  return lambda ref, c: ref[b, h, c] if len(ref.shape) == 3 else ref[c]
+  read = lambda ref, c: ref[b, h, c] if len(ref.shape) == 3 else ref[c]
+  return lambda c: tuple(read(ref, c) for ref in refs)
 
 
 def _forward_kernel(*refs, n: int, momentum: bool, save_states: bool, poison: bool):
@@ -96,10 +110,12 @@ def _forward_kernel(*refs, n: int, momentum: bool, save_states: bool, poison: bo
   m_out_ref, refs = (refs[0], refs[1:]) if momentum else (None, refs)
   states_ref, mstates_ref = (refs[0], refs[1] if momentum else None) if save_states else (None,) * 2
   cdt = kw_ref.dtype
-  scalar = _scalar_reader()
+  scalars = _scalar_reader((gs_ref, mc_ref, gm_ref) if momentum else (gs_ref,))
+  ahead = _ahead(momentum)
 
   def body(c, carry):
-    s, m = carry
+    s, m, loaded = carry  # loaded: this chunk's scalars, when loaded a step ahead
+    following = scalars(jnp.minimum(c + 1, n - 1)) if ahead else ()  # before the products
     if save_states:
       states_ref[c] = s.astype(states_ref.dtype)
       if momentum:
@@ -108,17 +124,18 @@ def _forward_kernel(*refs, n: int, momentum: bool, save_states: bool, poison: bo
     u = vu_ref[c].astype(s.dtype) - dot(kw_ref[c], s_c)
     u_c = u.astype(cdt)
     y = dot(qs_ref[c], s_c) + dot(p_ref[c], u_c)
-    s_next = scalar(gs_ref, c) * s + dot(kd_ref[c], u_c, trans_a=True)
+    gs, *mom = loaded if ahead else scalars(c)
+    s_next = gs * s + dot(kd_ref[c], u_c, trans_a=True)
     if momentum:
-      m_c = m.astype(cdt)
-      y = y + dot(qm_ref[c], m_c)
-      s_next = s_next + scalar(mc_ref, c) * m
-      m = scalar(gm_ref, c) * m + dot(km_ref[c], u_c, trans_a=True)
+      mc, gm = mom
+      y = y + dot(qm_ref[c], m.astype(cdt))
+      s_next = s_next + mc * m
+      m = gm * m + dot(km_ref[c], u_c, trans_a=True)
     y_ref[c] = y.astype(y_ref.dtype)
-    return s_next, m
+    return s_next, m, following
 
   m0 = m0_ref[...] if momentum else jnp.zeros((), s0_ref.dtype)
-  s, m = jax.lax.fori_loop(0, n, body, (s0_ref[...], m0))
+  s, m, _ = jax.lax.fori_loop(0, n, body, (s0_ref[...], m0, scalars(0) if ahead else ()))
   s_out_ref[...] = s
   if momentum:
     m_out_ref[...] = m
@@ -203,25 +220,31 @@ def _cotangent_kernel(*refs, n: int, momentum: bool):
   du_ref, dstates_ref, ds0_ref, refs = refs[0], refs[1], refs[2], refs[3:]
   dmstates_ref, dm0_ref = refs if momentum else (None, None)
   cdt = kw_ref.dtype
-  scalar = _scalar_reader()
+  scalars = _scalar_reader((gs_ref, mc_ref, gm_ref) if momentum else (gs_ref,))
+  ahead = _ahead(momentum)
 
   def body(i, carry):
     c = n - 1 - i
-    ds, dm = carry  # cotangents of the state after chunk c
+    ds, dm, loaded = carry  # cotangents of the state after chunk c (and its scalars, ahead)
+    following = scalars(jnp.maximum(c - 1, 0)) if ahead else ()
     dstates_ref[c] = ds.astype(dstates_ref.dtype)
     dy, ds_c = dy_ref[c], ds.astype(cdt)
     du = dot(p_ref[c], dy, trans_a=True) + dot(kd_ref[c], ds_c)
-    ds_prev = dot(qs_ref[c], dy, trans_a=True) + scalar(gs_ref, c) * ds
+    ds_prev = dot(qs_ref[c], dy, trans_a=True)
+    gs, *mom = loaded if ahead else scalars(c)  # loaded after the tile, as measured (_ahead)
+    ds_prev = ds_prev + gs * ds
     if momentum:
+      mc, gm = mom
       dmstates_ref[c] = dm.astype(dmstates_ref.dtype)
       du = du + dot(km_ref[c], dm.astype(cdt))
-      dm = (dot(qm_ref[c], dy, trans_a=True) + scalar(mc_ref, c) * ds
-            + scalar(gm_ref, c) * dm)
+      dm = dot(qm_ref[c], dy, trans_a=True) + mc * ds + gm * dm
     du_ref[c] = du.astype(du_ref.dtype)
-    return ds_prev - dot(kw_ref[c], du.astype(cdt), trans_a=True), dm
+    ds_prev = ds_prev - dot(kw_ref[c], du.astype(cdt), trans_a=True)
+    return ds_prev, dm, following
 
   dm_end = dm_end_ref[...] if momentum else jnp.zeros((), ds_end_ref.dtype)
-  ds, dm = jax.lax.fori_loop(0, n, body, (ds_end_ref[...], dm_end))
+  start = scalars(n - 1) if ahead else ()
+  ds, dm, _ = jax.lax.fori_loop(0, n, body, (ds_end_ref[...], dm_end, start))
   ds0_ref[...] = ds
   if momentum:
     dm0_ref[...] = dm
