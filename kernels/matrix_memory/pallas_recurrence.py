@@ -57,16 +57,6 @@ GRADIENT_COLUMNS = 64  # d_v columns at a time in the backward's chunk-parallel 
 MOMENTUM_FIELDS = ("qm", "km", "mc", "gm")
 
 
-def _ahead(momentum: bool) -> bool:
-  """Whether the sequential kernels load each chunk's scalars one step ahead and carry them.
-  Triton pipelines only the loads that feed products, so a scalar loaded in its own step waits
-  for global memory on the recurrence's critical path. On an H100, loading Titans' three ahead
-  cut its forward by 2-13% and its whole fwd+bwd by 0.5-4.2%; Gated DeltaNet's one gained
-  nothing in the forward and its pass 1 lost 4-8% (BENCHMARKS.md, sixteenth session), so its
-  kernels load it where it is used."""
-  return momentum
-
-
 def _specs(n: int, c: int, dk: int, bv: int, momentum: bool, backend: str):
   """BlockSpecs of the chunk fields (grid ``(batch, heads, d_v blocks)``); on TPU the per-chunk
   scalars live in SMEM."""
@@ -91,7 +81,11 @@ def _scalar_reader(refs: Sequence) -> Callable[[jax.Array], tuple]:
   ids are not available inside loop bodies in interpret mode).
 
   With momentum the sequential kernels load the next chunk's three scalars at the top of each
-  step and carry them into it (:func:`_ahead`)."""
+  step and carry them into it: Triton pipelines only the loads that feed products, so a scalar
+  loaded in its own step waits for global memory on the recurrence's critical path. On an H100
+  that cut Titans' forward by 2-13% and its whole fwd+bwd by 0.5-4.2%; Gated DeltaNet's one
+  scalar gained nothing in the forward and its pass 1 lost 4-8% (BENCHMARKS.md, sixteenth
+  session), so its kernels load it where it is used."""
   b, h = pl.program_id(0), pl.program_id(1)
   read = lambda ref, c: ref[b, h, c] if len(ref.shape) == 3 else ref[c]
   return lambda c: tuple(read(ref, c) for ref in refs)
@@ -111,7 +105,7 @@ def _forward_kernel(*refs, n: int, momentum: bool, save_states: bool, poison: bo
   states_ref, mstates_ref = (refs[0], refs[1] if momentum else None) if save_states else (None,) * 2
   cdt = kw_ref.dtype
   scalars = _scalar_reader((gs_ref, mc_ref, gm_ref) if momentum else (gs_ref,))
-  ahead = _ahead(momentum)
+  ahead = momentum  # scalars loaded a step ahead (_scalar_reader)
 
   def body(c, carry):
     s, m, loaded = carry  # loaded: this chunk's scalars, when loaded a step ahead
@@ -221,7 +215,7 @@ def _cotangent_kernel(*refs, n: int, momentum: bool):
   dmstates_ref, dm0_ref = refs if momentum else (None, None)
   cdt = kw_ref.dtype
   scalars = _scalar_reader((gs_ref, mc_ref, gm_ref) if momentum else (gs_ref,))
-  ahead = _ahead(momentum)
+  ahead = momentum  # scalars loaded a step ahead (_scalar_reader)
 
   def body(i, carry):
     c = n - 1 - i
@@ -231,7 +225,7 @@ def _cotangent_kernel(*refs, n: int, momentum: bool):
     dy, ds_c = dy_ref[c], ds.astype(cdt)
     du = dot(p_ref[c], dy, trans_a=True) + dot(kd_ref[c], ds_c)
     ds_prev = dot(qs_ref[c], dy, trans_a=True)
-    gs, *mom = loaded if ahead else scalars(c)  # loaded after the tile, as measured (_ahead)
+    gs, *mom = loaded if ahead else scalars(c)  # after the tile, as measured (_scalar_reader)
     ds_prev = ds_prev + gs * ds
     if momentum:
       mc, gm = mom
