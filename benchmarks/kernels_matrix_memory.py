@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -243,6 +244,26 @@ def stage1_only(config: OpConfig, inp: LevelInputs, **launch):
   return jax.jit(fwd), jax.jit(jax.grad(loss))
 
 
+def chunked_gated_deltanet(b: int, h: int, d: int) -> Callable:
+  """Our chunked JAX Gated DeltaNet (chunk 64, zero initial state) as ``f(inputs) -> y``."""
+  level = compositions.gated_deltanet(d, d, h, 64)
+  state = level.init_state({"w": jnp.zeros((h, d, d))}, b)
+  return lambda i: level.run(state, i, impl="chunked", aligned=True)[1]
+
+
+def jla_gated_deltanet(linear_attention: Callable, impl: str) -> Callable:
+  """jax-linear-attention's Gated DeltaNet (``impl`` ``"mosaic_gpu"`` or ``"chunked"``) as
+  ``f(q, k, v, log_gates, beta) -> o``, all ``[B, T, H, ·]``, ``log_gates, beta [B, T, H]``."""
+  def fwd(q, k, v, log_gates, beta):
+    return linear_attention("gated_deltanet", q, k, v, g=log_gates, beta=beta, impl=impl)[0]
+  return fwd
+
+
+def jla_args(inp: LevelInputs) -> tuple:
+  """:func:`jla_gated_deltanet`'s arguments for our inputs: ``α`` as log gates, ``η`` as β."""
+  return inp.q, inp.k, inp.v, jnp.log(inp.alpha), inp.eta
+
+
 def bench(report: dict, repeats: int, shapes, variants: list[str], peers: list[str],
           breakdown: bool) -> None:
   linear_attention = None
@@ -274,24 +295,18 @@ def bench(report: dict, repeats: int, shapes, variants: list[str], peers: list[s
         record(row, f"{label}_stage1_fwd", f1, inp, repeats=repeats)
         record(row, f"{label}_stage1_fwdbwd", g1, inp, repeats=repeats)
     if "chunked" in peers and t in (2048, 16384):  # slow: two shapes suffice for the ratio
-      level = compositions.gated_deltanet(d, d, h, 64)
-      state = level.init_state({"w": jnp.zeros((h, d, d))}, b)
-
-      def chunked_fwd(i):
-        return level.run(state, i, impl="chunked", aligned=True)[1]
+      chunked_fwd = chunked_gated_deltanet(b, h, d)
       def chunked_loss(i):
         return jnp.sum(chunked_fwd(i) * dy.astype(jnp.float32))
       slow = max(3, repeats // 5)
       record(row, "chunked_jax_gdn_fwd", jax.jit(chunked_fwd), inp, repeats=slow)
       record(row, "chunked_jax_gdn_fwdbwd", jax.jit(jax.grad(chunked_loss)), inp, repeats=slow)
     if linear_attention is not None:
-      g_log = jnp.log(inp.alpha)
+      args = jla_args(inp)
       for impl in ("mosaic_gpu", "chunked"):
-        def jfwd(q, k, v, g_, beta, impl=impl):
-          return linear_attention("gated_deltanet", q, k, v, g=g_, beta=beta, impl=impl)[0]
+        jfwd = jla_gated_deltanet(linear_attention, impl)
         def jloss(q, k, v, g_, beta, jfwd=jfwd):
           return jnp.sum(jfwd(q, k, v, g_, beta).astype(jnp.float32) * dy.astype(jnp.float32))
-        args = (inp.q, inp.k, inp.v, g_log, inp.eta)
         record(row, f"jla_{impl}_fwd", jax.jit(jfwd), *args, repeats=repeats)
         record(row, f"jla_{impl}_fwdbwd", jax.jit(jax.grad(jloss, (0, 1, 2, 3, 4))), *args,
                repeats=repeats)

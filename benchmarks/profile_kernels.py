@@ -6,13 +6,16 @@ profiler trace (CUPTI) of a few calls.
 ``--what`` names a function of :data:`TARGETS`: the matrix-memory op at Gated DeltaNet or
 Titans-momentum semantics, forward or forward+backward (``--shape=BxTxHxD``, ``--stage1``,
 ``--inverse``, ``--tiles_forward`` / ``--tiles_backward`` as ``BLOCK,WARPS``, ``--block_v``,
-``--num_stages``, ``--num_warps``), or
+``--num_stages``, ``--num_warps``), or the same Gated DeltaNet in our chunked JAX form
+(``chunked_fwd``, ``chunked_fwdbwd``) or jax-linear-attention's (Mosaic GPU; ``jla_fwd``,
+``jla_fwdbwd``, needs ``jla`` importable) on the same inputs, or
 ``train_step``, one AdamW step of a preset LM (``--model=FAMILY:SIZE``, ``--shape=BxT``,
 ``--dtype``, ``--remat``, ``--layers``), or ``layer_fwd`` / ``layer_fwdbwd``, a module of
 :mod:`kernels_layers` (``--module``, ``--model=FAMILY:SIZE`` for the size, ``--impl``,
 ``--shape=BxT``, ``--dtype``) on random input. Prints the top
-kernels (name, calls, total and mean µs, share of the device time) and writes them as JSON
-beside the raw trace (``DIR/trace``, a Perfetto ``.json.gz`` that ui.perfetto.dev opens).
+kernels (name, calls, total and mean µs, share of the device time), after the untraced wall
+time of a call synchronised after each call (median) and of back-to-back calls (mean), and writes
+them as JSON beside the raw trace (``DIR/trace``, a Perfetto ``.json.gz`` that ui.perfetto.dev opens).
 """
 
 from __future__ import annotations
@@ -33,26 +36,33 @@ import numpy as np
 from flax import nnx
 
 import kernels_layers
-from kernels_matrix_memory import BENCH_OPS, inputs
+import timing
+from kernels_matrix_memory import (BENCH_OPS, chunked_gated_deltanet, inputs, jla_args,
+                                   jla_gated_deltanet)
 from nlj.models import PRESETS
 from nlj.train.sharding import create_train_state, make_mesh
 from nlj.train.step import adamw_cosine, make_train_step
 from nlj_kernels.matrix_memory import matrix_memory
 
-TARGETS = ("gdn_fwd", "gdn_fwdbwd", "titans_fwd", "titans_fwdbwd", "train_step", "layer_fwd",
-           "layer_fwdbwd")
+TARGETS = ("gdn_fwd", "gdn_fwdbwd", "titans_fwd", "titans_fwdbwd", "chunked_fwd", "chunked_fwdbwd",
+           "jla_fwd", "jla_fwdbwd", "train_step", "layer_fwd", "layer_fwdbwd")
 
 
 def build(what: str, shape: tuple[int, int, int, int], **launch):
   """A jitted ``f(inputs)`` and its arguments for target ``what``."""
   b, t, h, d = shape
-  config = BENCH_OPS[what.split("_")[0]]
   inp = inputs(jax.random.PRNGKey(0), b, t, h, d, jnp.bfloat16)
   dy = jax.random.normal(jax.random.PRNGKey(9), (b, t, h, d), jnp.float32)
   s0 = jnp.zeros((b, h, d, d))
-
-  def fwd(i):
-    return matrix_memory(config, *i, s0, s0 if config.momentum else None, **launch)[0]
+  if what.startswith("jla"):
+    from jla.ops import linear_attention  # pylint: disable=import-outside-toplevel
+    peer = jla_gated_deltanet(linear_attention, "mosaic_gpu")
+    fwd, inp = lambda i: peer(*i), jla_args(inp)
+  elif what.startswith("chunked"):
+    fwd = chunked_gated_deltanet(b, h, d)
+  else:
+    config = BENCH_OPS[what.split("_")[0]]
+    fwd = lambda i: matrix_memory(config, *i, s0, s0 if config.momentum else None, **launch)[0]
   if what.endswith("fwdbwd"):
     return jax.jit(jax.grad(lambda i: jnp.sum(fwd(i).astype(jnp.float32) * dy))), inp
   return jax.jit(fwd), inp
@@ -148,7 +158,10 @@ def main() -> None:
     f, inp = build_layer(args.what, args.module, args.model, args.impl, shape, args.dtype)
   else:
     f, inp = build(args.what, shape, **launch)
-  jax.block_until_ready(f(inp))  # compile outside the trace
+  _, sync_ms = timing.timed(f, inp, repeats=args.calls)  # compiles outside the trace
+  start = time.perf_counter()
+  jax.block_until_ready([f(inp) for _ in range(args.calls)])
+  back_to_back_ms = 1e3 * (time.perf_counter() - start) / args.calls
   trace_dir = os.path.join(args.out, "trace")
   start = time.perf_counter()
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -160,11 +173,14 @@ def main() -> None:
   total = sum(r["total_us"] for r in rows) or 1.0
   with open(os.path.join(args.out, f"{args.what}.json"), "w") as fh:
     json.dump({"what": args.what, "shape": args.shape, "launch": launch, "calls": args.calls,
-               "wall_ms": wall_ms, "kernels": rows}, fh, indent=1)
+               "wall_ms": wall_ms, "sync_ms": sync_ms, "back_to_back_ms": back_to_back_ms,
+               "kernels": rows}, fh, indent=1)
   launches = sum(r["calls"] for r in rows) / args.calls
   print(f"{args.what} {args.shape} {launch}: device time per call "
         f"{total / args.calls:.1f} µs over {len(rows)} kernel names, {launches:.0f} kernel "
         f"launches per call, wall time per call (traced) {wall_ms:.1f} ms")
+  print(f"untraced wall time per call: synchronised {sync_ms:.3f} ms, back to back "
+        f"{back_to_back_ms:.3f} ms")
   print("| kernel | calls/call | µs/call | share |\n|---|---:|---:|---:|")
   for r in rows[:args.top]:
     print(f"| {r['name'][:70]} | {r['calls'] / args.calls:.0f} | "
