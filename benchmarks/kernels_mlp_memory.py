@@ -37,7 +37,7 @@ import numpy as np
 
 from nlj.core import L2, Level, LevelInputs, MLPMemory, Rule, compositions
 from nlj.core.reference import run_reference
-from nlj_kernels.mlp_memory import run_level
+from nlj_kernels.mlp_memory import NUM_WARPS, run_level
 from timing import timed
 
 SELFMOD_RULE = Rule("dgd", momentum=True, dgd_variant="plain")
@@ -182,7 +182,7 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--precisions", default="default",
                       help=f"comma-separated kernel product precisions from {sorted(PRECISIONS)}")
-  parser.add_argument("--num_warps", type=int, default=4)
+  parser.add_argument("--num_warps", type=int, default=NUM_WARPS)
   parser.add_argument("--out", default="benchmarks")
   args = parser.parse_args()
   precisions = args.precisions.split(",")

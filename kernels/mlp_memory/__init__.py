@@ -16,9 +16,10 @@ import jax
 
 from nlj.core.dispatch import Kernel, register_kernel, registered_kernels
 from nlj_kernels.mlp_memory.contract import OpConfig, op_config, unsupported_reason
-from nlj_kernels.mlp_memory.runner import launch_options, run_level
+from nlj_kernels.mlp_memory.runner import NUM_WARPS, launch_options, run_level
 
-__all__ = ["OpConfig", "op_config", "unsupported_reason", "launch_options", "run_level", "KERNEL"]
+__all__ = ["OpConfig", "op_config", "unsupported_reason", "launch_options", "run_level", "KERNEL",
+           "NUM_WARPS"]
 
 
 def _applies(level) -> bool:
@@ -29,8 +30,8 @@ def _applies(level) -> bool:
 # Opt-in (impl="pallas"): on an H100 (2026-11-26) it passes benchmarks/kernels_mlp_memory.py
 # --check where it compiles, but one program holds a head's whole MLP: with float32 operands the
 # self-modifying Titans memories of the small (backward) and 760m presets exceed the shared
-# memory (bfloat16 operands fit the small ones), and in that layer it is slower than the chunked
-# form (BENCHMARKS.md, twelfth session).
+# memory (bfloat16 operands fit the small ones), and in that layer it was slower than the chunked
+# form (BENCHMARKS.md, twelfth session, at 4 warps a program; not re-timed at NUM_WARPS = 8).
 KERNEL = Kernel("mlp_memory", _applies, run_level, auto=False)
 if all(k.name != KERNEL.name for k in registered_kernels()):
   register_kernel(KERNEL)

@@ -148,7 +148,7 @@ def _forward_kernel(*refs, config: OpConfig, names: tuple, n: int, precision: An
                                              "interpret", "backend"))
 def forward(fields: dict[str, jax.Array], memory: Weights, momentum: Weights | None,
             anchor: Weights, last: jax.Array, *, config: OpConfig, precision: Any,
-            num_warps: int = 4, save: bool = False, interpret: bool = False,
+            num_warps: int, save: bool = False, interpret: bool = False,
             backend: str = "triton"):
   """Run every chunk.
 
@@ -241,7 +241,7 @@ def _backward_kernel(*refs, config: OpConfig, names: tuple, n: int, precision: A
 def backward(fields: dict[str, jax.Array], saved: Weights, msaved: Weights | None,
              anchor: Weights, last: jax.Array, dy: jax.Array | None, dmemory: Weights,
              dmomentum: Weights | None, danchor: Weights, *, config: OpConfig, precision: Any,
-             num_warps: int = 4, interpret: bool = False, backend: str = "triton"):
+             num_warps: int, interpret: bool = False, backend: str = "triton"):
   """Cotangents of :func:`forward`'s inputs from those of its outputs.
 
   Args:

@@ -24,14 +24,20 @@ from nlj_kernels.mlp_memory.contract import op_config, tile
 from nlj_kernels.mlp_memory.prepare import prepare
 from nlj_kernels.mlp_memory.recurrence import Launch, chunk_recurrence
 
-__all__ = ["run_level", "launch_options"]
+__all__ = ["run_level", "launch_options", "NUM_WARPS"]
+
+# Each program carries a head's whole MLP (weights and momenta) through its loop: at 8 warps an
+# H100 ran a hidden-128 memory's forward kernel 1.95x and its fwd+bwd 1.34x faster than at 4
+# (16 warps: slower than 4), a hidden-256 one 1.34x and 1.32x (BENCHMARKS.md, seventeenth session).
+NUM_WARPS = 8
 
 
-def launch_options(num_warps: int = 4, interpret: bool | None = None, precision: Any = None,
-                   backend: str | None = None) -> Launch:
+def launch_options(num_warps: int = NUM_WARPS, interpret: bool | None = None,
+                   precision: Any = None, backend: str | None = None) -> Launch:
   """Launch options with defaults for the running platform
   (:func:`nlj_kernels.backends.resolve_backend`: ``"tpu"`` on a TPU, else ``"triton"``;
-  interpret mode unless JAX runs on the device the backend compiles for).
+  interpret mode unless JAX runs on the device the backend compiles for) and
+  :data:`NUM_WARPS` Triton warps a program.
 
   ``precision`` None follows ``jax_default_matmul_precision`` as XLA's products do (tf32 for
   float32 on a GPU by default, exact under ``jax.default_matmul_precision("highest")``);
