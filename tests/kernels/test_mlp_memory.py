@@ -162,6 +162,7 @@ def test_tpu_backend_streams_like_reference(rule, read):
     assert_streams_like_reference(level, inputs, state, ((0, 20), (20, 40)), backend="tpu")
 
 
+@pytest.mark.slow
 def test_gradients_from_mid_chunk_state():
   """Gradients reach a carried state whose anchor differs from its memory (phase 6), through a
   piece that completes no chunk (the anchor passes through) and one that does."""
@@ -214,6 +215,7 @@ def test_dispatcher_takes_the_kernel_for_covered_levels():
       exact.run(exact.init_state(exact.init(jax.random.PRNGKey(0)), 1), inputs, impl="pallas")
 
 
+@pytest.mark.slow
 def test_selfmod_layer_under_pallas_equals_chunked():
   """The whole self-modifying Titans mixer with ``impl="pallas"``: the kernel runs all five
   memories (each stepped one chunk at a time inside the nested scan, then token by token in a

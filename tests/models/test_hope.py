@@ -128,6 +128,7 @@ def test_ntp_driver_updates_cms_from_the_chunk_loss():
   np.testing.assert_allclose(logits2[:, :9], logits[:, :9], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ntp_driver_with_zero_lr_is_the_plain_model_and_is_differentiable():
   frozen = dataclasses.replace(NTP, options=(("cms_signal", "ntp"), ("cms_lr", 0.0)))
   model = build_model(frozen, nnx.Rngs(0))

@@ -42,9 +42,11 @@ def _outputs(graphdef, params, tokens, streamed: bool):
 
 
 @pytest.mark.parametrize("config, variants, streamed", [
-    (HYBRID, ((True, False), (True, True), (False, True)), True),
-    (HOPE, ((True, True),), False),  # HOPE compiles slowly on the CPU: one variant, no pieces
-], ids=["gdn_transformer_pattern", "hope"])
+    pytest.param(HYBRID, ((True, False), (True, True), (False, True)), True,
+                 id="gdn_transformer_pattern"),
+    # HOPE compiles slowly on the CPU: one variant, no pieces
+    pytest.param(HOPE, ((True, True),), False, id="hope", marks=pytest.mark.slow),
+])
 def test_scanned_and_remat_equal_unrolled(config, variants, streamed):
   """Same parameters: loss, gradients (and streamed logits and caches) of the ``(scan_layers,
   remat)`` variants equal the unrolled loop's."""
