@@ -125,14 +125,14 @@ def check(report: dict, cases: list[int], stage1: str | None) -> None:
       print("check", row, flush=True)
     # bfloat16 inputs through the op (and Gated DeltaNet with the Hopper forward, which these
     # 4 heads would not take by default); reference on the same values
-    for mom, forward_kernel in ((False, None), (False, "mosaic_gpu"), (True, None)):
+    for mom, stage2 in ((False, None), (False, "mosaic_gpu"), (True, None)):
       config = OpConfig(64, "boundary" if mom else "exact", "l2", "after", momentum=mom,
                         grad_at_retained=not mom)
       level = CHECK_LEVELS["titans_linear" if mom else "gated_deltanet"](128)
       inp = inputs(jax.random.PRNGKey(7), 2, 256, 2, 128, jnp.bfloat16)
       s0 = jnp.zeros((2, 2, 128, 128))
       op = lambda i: matrix_memory(config, *i, s0, s0 if mom else None, stage1=stage1,
-                                   forward_kernel=forward_kernel)
+                                   stage2=stage2)
       y, s, _ = jax.jit(op)(inp)
       up = jax.tree.map(lambda x: x.astype(jnp.float32), inp)
       zero = level.init_state({"w": jnp.zeros((2, 128, 128))}, 2)
@@ -141,7 +141,7 @@ def check(report: dict, cases: list[int], stage1: str | None) -> None:
       g = jax.jit(jax.grad(lambda i: jnp.sum(op(i)[0].astype(jnp.float32) * dy)))(inp)
       g_ref = jax.jit(jax.grad(lambda i: jnp.sum(run_reference(level, zero, i)[1] * dy)))(up)
       name = "titans_linear" if mom else "gated_deltanet"
-      rows.append({"level": f"bf16 {name}" + (f", {forward_kernel}" if forward_kernel else ""),
+      rows.append({"level": f"bf16 {name}" + (f", {stage2}" if stage2 else ""),
                    "d": 128,
                    "y_rel": rel(y, ref_y), "state_rel": rel(s, jnp.swapaxes(
                        ref_state.memory["w"], -1, -2)),
@@ -186,8 +186,8 @@ def op_cost(b, t, h, d, chunk=64):
 
 VARIANTS = {  # label: (op, launch options) of our kernel in --bench
     "pallas_gdn": ("gdn", {}),
-    "pallas_gdn_forward_pallas": ("gdn", {"forward_kernel": "pallas"}),  # the default before
-    "pallas_gdn_forward_mosaic_gpu": ("gdn", {"forward_kernel": "mosaic_gpu"}),
+    "pallas_gdn_forward_pallas": ("gdn", {"stage2": "pallas"}),  # the default before
+    "pallas_gdn_forward_mosaic_gpu": ("gdn", {"stage2": "mosaic_gpu"}),
     "pallas_gdn_stage1_jax": ("gdn", {"stage1": "jax"}),
     "pallas_gdn_stage1_jax_blocked_inverse": ("gdn", {"stage1": "jax", "inverse": "blocked"}),
     "pallas_gdn_bv32": ("gdn", {"block_v": 32}),

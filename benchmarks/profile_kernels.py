@@ -6,7 +6,7 @@ profiler trace (CUPTI) of a few calls.
 ``--what`` names a function of :data:`TARGETS`: the matrix-memory op at Gated DeltaNet or
 Titans-momentum semantics, forward or forward+backward (``--shape=BxTxHxD``, ``--stage1``,
 ``--inverse``, ``--tiles_forward`` / ``--tiles_backward`` as ``BLOCK,WARPS``, ``--block_v``,
-``--num_stages``, ``--num_warps``, ``--forward_kernel``), or the same Gated DeltaNet in our chunked JAX form
+``--num_stages``, ``--num_warps``, ``--stage2``), or the same Gated DeltaNet in our chunked JAX form
 (``chunked_fwd``, ``chunked_fwdbwd``) or jax-linear-attention's (Mosaic GPU; ``jla_fwd``,
 ``jla_fwdbwd``, needs ``jla`` importable) on the same inputs, or
 ``train_step``, one AdamW step of a preset LM (``--model=FAMILY:SIZE``, ``--shape=BxT``,
@@ -43,7 +43,7 @@ from nlj.models import PRESETS
 from nlj.train.sharding import create_train_state, make_mesh
 from nlj.train.step import adamw_cosine, make_train_step
 from nlj_kernels.matrix_memory import matrix_memory
-from nlj_kernels.matrix_memory.recurrence import FORWARD_KERNELS
+from nlj_kernels.matrix_memory.recurrence import STAGE2_KERNELS
 
 TARGETS = ("gdn_fwd", "gdn_fwdbwd", "titans_fwd", "titans_fwdbwd", "chunked_fwd", "chunked_fwdbwd",
            "jla_fwd", "jla_fwdbwd", "train_step", "layer_fwd", "layer_fwdbwd")
@@ -139,8 +139,8 @@ def main() -> None:
   for name in ("block_v", "num_stages", "num_warps"):
     parser.add_argument(f"--{name}", default=None, type=int,
                         help=f"launch option {name} (default: the op's)")
-  parser.add_argument("--forward_kernel", default=None, choices=FORWARD_KERNELS,
-                      help="launch option forward_kernel (default: the op's)")
+  parser.add_argument("--stage2", default=None, choices=STAGE2_KERNELS,
+                      help="launch option stage2 (default: the op's)")
   parser.add_argument("--model", default="hope:small", help="train_step: FAMILY:SIZE preset")
   parser.add_argument("--dtype", default="bfloat16", help="train_step: compute dtype")
   parser.add_argument("--remat", action="store_true", help="train_step: ModelConfig.remat")
@@ -153,7 +153,7 @@ def main() -> None:
   parser.add_argument("--out", default="/tmp/profile_kernels")
   args = parser.parse_args()
   launch = {k: getattr(args, k) for k in ("stage1", "inverse", "tiles_forward", "tiles_backward",
-                                          "block_v", "num_stages", "num_warps", "forward_kernel")
+                                          "block_v", "num_stages", "num_warps", "stage2")
             if getattr(args, k)}
   shape = tuple(map(int, args.shape.split("x")))
   if args.what == "train_step":

@@ -13,7 +13,7 @@ DeltaNet, Titans' linear memory with momentum, DGD matrix memories).
   a backward in two (a sequential pass for the state cotangents, a chunk-parallel pass for the
   gradients; Triton on GPU, Mosaic on TPU, ``interpret=True`` on CPU), joined by the custom VJP
   in :mod:`.recurrence`; without momentum the forward also runs as the Hopper kernel of
-  :mod:`.mosaic_recurrence` (Pallas Mosaic GPU; ``forward_kernel``);
+  :mod:`.mosaic_recurrence` (Pallas Mosaic GPU; ``stage2``);
 * :mod:`.runner` -- the level runner registered as kernel ``"matrix_memory"``, and
   :func:`matrix_memory`, the op on raw arrays (bfloat16 inputs allowed);
 * ``benchmarks/kernels_matrix_memory.py`` -- timings against the chunked JAX form and the peers.

@@ -50,7 +50,7 @@ from jax.experimental.pallas import tpu as pltpu
 from nlj_kernels.backends import compiler_params
 from nlj_kernels.products import dot
 
-__all__ = ["forward", "backward", "CHUNK_FIELDS", "MOMENTUM_FIELDS"]
+__all__ = ["forward", "backward", "chunk_gradients", "CHUNK_FIELDS", "MOMENTUM_FIELDS"]
 
 CHUNK_FIELDS = ("kw", "vu", "qs", "p", "kd", "gs")
 GRADIENT_COLUMNS = 64  # d_v columns at a time in the backward's chunk-parallel pass (GPU)
@@ -315,9 +315,35 @@ def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: ja
                         interpret=interpret, name="matrix_memory_bwd_states")(*args)
   du, dstates, ds0 = outs[:3]
   dmstates, dm0 = outs[3:] if momentum else (None, None)
+  out = chunk_gradients(coeffs, states, mstates, dy, du, dstates, dmstates, num_warps=num_warps,
+                        interpret=interpret, backend=backend)
+  out["s0"] = ds0
+  if momentum:
+    out["m0"] = dm0
+  return out
 
-  # pass 2: every chunk in parallel; whole d_v per program (walked in GRADIENT_COLUMNS columns
-  # on GPU, whatever block_v the sequential kernels take)
+
+@functools.partial(jax.jit, static_argnames=("num_warps", "interpret", "backend"))
+def chunk_gradients(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: jax.Array,
+                    du: jax.Array, dstates: jax.Array, dmstates: jax.Array | None, *,
+                    num_warps: int = 4, interpret: bool = False, backend: str = "triton"):
+  """Backward pass 2: every chunk's field cotangents from pass 1's outputs (see the module
+  docstring), one program per chunk.
+
+  Args:
+    coeffs, states, mstates, dy: as for :func:`backward`.
+    du: ``[B, H, N, C, d_v]``; dstates, dmstates: ``[B, H, N, d_k, d_v]`` (the cotangents of
+      each chunk's end state and momentum), all in the fields' dtype (pass 1's outputs).
+
+  Returns:
+    a dict of the fields' cotangents (``vu, kw, qs, p, kd, gs`` and ``qm, km, mc, gm``).
+  """
+  momentum = mstates is not None
+  batch, heads, n, c, dk = coeffs[0].shape
+  dv = states.shape[-1]
+  f32, cdt = coeffs[CHUNK_FIELDS.index("gs")].dtype, coeffs[0].dtype
+  # every chunk in parallel; whole d_v per program (walked in GRADIENT_COLUMNS columns on GPU,
+  # whatever block_v the sequential kernels take)
   one = lambda *tail: pl.BlockSpec((None, None, None) + tail,
                                    lambda b, h, i: (b, h, i) + (0,) * len(tail))
   ins = [coeffs[CHUNK_FIELDS.index("kw")], coeffs[CHUNK_FIELDS.index("vu")], dy, du, states,
@@ -334,10 +360,8 @@ def backward(coeffs: tuple, states: jax.Array, mstates: jax.Array | None, dy: ja
   grads = pl.pallas_call(kernel, out_shape=out_shape, grid=(batch, heads, n), in_specs=in_specs,
                          out_specs=out_specs, compiler_params=compiler_params(backend, num_warps),
                          interpret=interpret, name="matrix_memory_bwd_chunks")(*ins)
-  out = dict(zip(names, grads), vu=du, s0=ds0)
+  out = dict(zip(names, grads), vu=du)
   for name in ("gs", "mc", "gm"):
     if name in out:
       out[name] = out[name][..., 0, :].sum(-1)
-  if momentum:
-    out["m0"] = dm0
   return out

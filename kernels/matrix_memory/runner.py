@@ -26,10 +26,10 @@ from nlj.core.triangular import inverse_named
 from nlj_kernels.matrix_memory.pallas_stage1 import prepare_pallas
 from nlj_kernels.matrix_memory.pallas_tiles import TileShape
 from nlj_kernels.matrix_memory.prepare import ChunkCoefficients, prepare
-from nlj_kernels.matrix_memory.recurrence import FORWARD_KERNELS, chunk_recurrence
+from nlj_kernels.matrix_memory.recurrence import STAGE2_KERNELS, chunk_recurrence
 
 __all__ = ["run_level", "matrix_memory", "Launch", "launch_options", "default_block_v",
-           "default_forward_kernel", "default_num_stages", "kernel_fields", "STAGE1"]
+           "default_stage2", "default_num_stages", "kernel_fields", "STAGE1"]
 
 
 class Launch(NamedTuple):
@@ -44,7 +44,7 @@ class Launch(NamedTuple):
   inverse: str
   tiles_forward: TileShape | None
   tiles_backward: TileShape | None
-  forward_kernel: str | None
+  stage2: str | None
 
 
 STAGE1 = ("pallas", "jax")
@@ -55,7 +55,7 @@ def launch_options(block_v: int | None = None, num_warps: int = 4, num_stages: i
                    stage1: str | None = None, inverse: str = "solve",
                    tiles_forward: tuple[int, int] | None = None,
                    tiles_backward: tuple[int, int] | None = None,
-                   forward_kernel: str | None = None) -> Launch:
+                   stage2: str | None = None) -> Launch:
   """Launch options with defaults for the running platform.
 
   Args:
@@ -76,10 +76,10 @@ def launch_options(block_v: int | None = None, num_warps: int = 4, num_stages: i
     tiles_forward, tiles_backward: ``(block, num_warps)`` of the Pallas stage 1's forward and
       backward kernels (:class:`.pallas_tiles.TileShape`; None: the measured defaults fitted to
       the chunk, :func:`.pallas_tiles.fit_shapes`).
-    forward_kernel: stage 2's forward, ``"pallas"`` (:mod:`.pallas_recurrence`, every backend)
-      or ``"mosaic_gpu"`` (the Hopper kernel of :mod:`.mosaic_recurrence`, Triton backend only;
-      in interpret mode it runs in Pallas' GPU interpreter); default
-      :func:`default_forward_kernel`.
+    stage2: the kernels of stage 2's sequential passes (the forward and the backward's first
+      pass), ``"pallas"`` (:mod:`.pallas_recurrence`, every backend) or ``"mosaic_gpu"`` (the
+      Hopper kernels of :mod:`.mosaic_recurrence`, Triton backend only; in interpret mode they
+      run in Pallas' GPU interpreter); default :func:`default_stage2`.
   """
   backend, interpret = resolve_backend(backend, interpret)
   stage1 = stage1 or ("pallas" if backend == "triton" and not interpret else "jax")
@@ -90,13 +90,13 @@ def launch_options(block_v: int | None = None, num_warps: int = 4, num_stages: i
   tiles = [None if x is None else TileShape(*x) for x in (tiles_forward, tiles_backward)]
   if num_stages is not None and (not isinstance(num_stages, int) or num_stages < 1):
     raise ValueError(f"num_stages must be None or a positive int, got {num_stages!r}")
-  if forward_kernel is not None and (forward_kernel not in FORWARD_KERNELS or (
-      forward_kernel == "mosaic_gpu" and backend != "triton")):
-    raise ValueError(f"forward_kernel must be None or one of {FORWARD_KERNELS} ('mosaic_gpu' "
-                     f"with backend='triton' only), got forward_kernel={forward_kernel!r} with "
+  if stage2 is not None and (stage2 not in STAGE2_KERNELS or (
+      stage2 == "mosaic_gpu" and backend != "triton")):
+    raise ValueError(f"stage2 must be None or one of {STAGE2_KERNELS} ('mosaic_gpu' "
+                     f"with backend='triton' only), got stage2={stage2!r} with "
                      f"backend={backend!r}")
   return Launch(block_v, num_warps, num_stages, interpret, backend, stage1, inverse, *tiles,
-                forward_kernel)
+                stage2)
 
 
 SEQUENTIAL_PROGRAMS = 128  # about one per streaming multiprocessor of an H100 (132)
@@ -136,30 +136,26 @@ def default_num_stages(batch: int, heads: int, d_k: int, d_v: int, chunk: int, b
   return next((s for s in (3, 2) if s * per_stage <= STAGE_BYTES), 1)
 
 
-def default_forward_kernel(batch: int, heads: int, chunk: int, d_k: int, d_v: int, dtype,
-                           momentum: bool, launch: Launch) -> str:
-  """``"mosaic_gpu"`` for compiled Triton launches that :mod:`.mosaic_recurrence` covers and
-  whose sequential kernels fill the card (:data:`SEQUENTIAL_PROGRAMS`), else ``"pallas"``. On an
-  H100 at B×T×H×D 8×2048×16×128 and 4×4096×16×128 (bf16) the Hopper forward took 0.145 and
-  0.147 ms against the Triton forward's 0.209 and 0.316; at 2×8192 and 1×16384 (64 and 32
-  programs of 64 columns) it was no faster (0.186 against 0.182, 0.355 against 0.336;
-  BENCHMARKS.md, eighteenth session)."""
-  if launch.backend != "triton" or launch.interpret or not _fills_card(batch, heads, d_v):
+def default_stage2(chunk: int, d_k: int, d_v: int, dtype, momentum: bool, launch: Launch) -> str:
+  """``"mosaic_gpu"`` for compiled Triton launches that :mod:`.mosaic_recurrence` covers, else
+  ``"pallas"``. On an H100 (bf16, B×T×H×D ×16×128, fwd+bwd device µs) the Hopper kernels took
+  Gated DeltaNet from 1,847 to 1,719 (8×2048), 2,043 to 1,706 (4×4096), 1,798 to 1,757 (2×8192)
+  and 2,064 to 1,979 (1×16384) (BENCHMARKS.md, eighteenth session)."""
+  if launch.backend != "triton" or launch.interpret:
     return "pallas"
   covered = mosaic_recurrence.unsupported_reason(chunk, d_k, d_v, dtype, momentum) is None
   return "mosaic_gpu" if covered else "pallas"
 
 
-def _forward_kernel(fields: tuple, s0: jax.Array, momentum: bool, launch: Launch) -> str:
-  """The forward kernel for these stage-2 fields: given (and checked), or the default."""
-  batch, heads, _, chunk, d_k = fields[0].shape
+def _stage2(fields: tuple, s0: jax.Array, momentum: bool, launch: Launch) -> str:
+  """Stage 2's sequential kernels for these fields: given (and checked), or the default."""
+  chunk, d_k = fields[0].shape[-2:]
   d_v, dtype = s0.shape[-1], fields[0].dtype
-  if launch.forward_kernel != "mosaic_gpu":
-    return launch.forward_kernel or default_forward_kernel(batch, heads, chunk, d_k, d_v, dtype,
-                                                           momentum, launch)
+  if launch.stage2 != "mosaic_gpu":
+    return launch.stage2 or default_stage2(chunk, d_k, d_v, dtype, momentum, launch)
   reason = mosaic_recurrence.unsupported_reason(chunk, d_k, d_v, dtype, momentum)
   if reason is not None:
-    raise ValueError(f"forward_kernel='mosaic_gpu' cannot run this op: {reason}")
+    raise ValueError(f"stage2='mosaic_gpu' cannot run this op: {reason}")
   return "mosaic_gpu"
 
 
@@ -188,9 +184,9 @@ def _recur(coeffs: ChunkCoefficients, s0, m0, dtype, launch: Launch):
   batch, heads, _, chunk, d_k = fields[0].shape
   stages = launch.num_stages or default_num_stages(
       batch, heads, d_k, s0.shape[-1], chunk, block, jnp.dtype(dtype).itemsize, m0 is not None)
-  forward_kernel = _forward_kernel(fields, s0, m0 is not None, launch)
+  stage2 = _stage2(fields, s0, m0 is not None, launch)
   return chunk_recurrence(fields, s0, m0, block, launch.num_warps, stages, launch.interpret,
-                          launch.backend, forward_kernel)
+                          launch.backend, stage2)
 
 
 def _chunk_slice(coeffs: ChunkCoefficients, start: int, stop: int) -> ChunkCoefficients:
@@ -284,7 +280,7 @@ def matrix_memory(config: OpConfig, k: jax.Array, v: jax.Array, q: jax.Array | N
     s0: initial state ``S = Wᵀ [B, H, d_k, d_v]``; m0: momentum (with ``config.momentum``).
     **launch: :func:`launch_options` (``block_v``, ``num_warps``, ``num_stages``,
       ``interpret``, ``backend``, ``stage1``, ``inverse``, ``tiles_forward``,
-      ``tiles_backward``, ``forward_kernel``).
+      ``tiles_backward``, ``stage2``).
 
   Returns:
     ``(y [B, T, H, d_v] in v's dtype or None, s [B, H, d_k, d_v] float32, m or None)``.

@@ -338,7 +338,7 @@ def test_kernels_lower_to_triton_for_hopper(monkeypatch, momentum, dtype):
 
   def loss(k, v, q, s0, gates, stage1="jax"):
     y, s, _ = matrix_memory(config, k, v, q, gates, gates, gates, s0, s0 if momentum else None,
-                            interpret=False, stage1=stage1)
+                            interpret=False, stage1=stage1, stage2="pallas")  # the Triton ones
     return jnp.sum(y.astype(jnp.float32)) + jnp.sum(s)
 
   text = jax.jit(jax.grad(loss, (0, 1, 2, 3, 4))).trace(x, x, x, s0, g).lower(

@@ -1,8 +1,8 @@
-"""Op 1's Hopper forward (:mod:`nlj_kernels.matrix_memory.mosaic_recurrence`) in Pallas' GPU
-interpret mode: equal to the portable forward on real stage-1 fields, every output element
-written, no shared-memory race, the op's outputs and gradients within bf16 error of the
-float32 reference, any length through the level runner, its choice and errors, and that it
-lowers to Mosaic GPU for a Hopper GPU."""
+"""Op 1's Hopper sequential kernels (:mod:`nlj_kernels.matrix_memory.mosaic_recurrence`) in
+Pallas' GPU interpret mode: the forward and the backward's first pass equal to the portable
+kernels on real stage-1 fields, every output element written, no shared-memory race, the op's
+outputs and gradients within bf16 error of the float32 reference, any length through the level
+runner, their choice and errors, and that they lower to Mosaic GPU for a Hopper GPU."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from nlj.core.reference import run_reference
 from nlj_kernels.matrix_memory import OpConfig, launch_options, matrix_memory, run_level
 from nlj_kernels.matrix_memory import mosaic_recurrence, pallas_recurrence
 from nlj_kernels.matrix_memory.prepare import prepare
-from nlj_kernels.matrix_memory.runner import default_forward_kernel, kernel_fields
+from nlj_kernels.matrix_memory.recurrence import chunk_recurrence
+from nlj_kernels.matrix_memory.runner import default_stage2, kernel_fields
 from tests.core.helpers import random_inputs
 
 GDN = OpConfig(64, "exact", "l2", "after", grad_at_retained=True)
@@ -58,18 +59,39 @@ def test_forward_equals_the_portable_forward_and_writes_everything():
   assert rel(states, want_states) < 1e-3
 
 
-def test_forward_has_no_shared_memory_race():
-  """The interpreter's race detector sees every TMA load and store ordered against the products
-  that read or write the same shared-memory slots (it reports the race when the wait before
-  reusing the store buffers is removed)."""
+def test_backward_equals_the_portable_backward():
+  """Every field's cotangent and the initial state's through the Hopper passes (the first pass
+  in Mosaic GPU, the chunk-parallel one in Triton) equal the portable backward's."""
+  fields, s0 = bf16_fields(64, 128, 192, seed=5)
+  cot = jax.random.split(jax.random.PRNGKey(6), 2)
+  dy = jax.random.normal(cot[0], fields[1].shape).astype(jnp.bfloat16)
+  ds = jax.random.normal(cot[1], s0.shape)
+
+  def grads(stage2: str):
+    run = lambda f, s: chunk_recurrence(f, s, None, 64, 4, 1, True, "triton", stage2)[:2]
+    _, vjp = jax.vjp(run, fields, s0)
+    dfields, ds0 = vjp((dy, ds))
+    return dfields + (ds0,)
+
+  for got, want in zip(grads("mosaic_gpu"), grads("pallas")):
+    assert bool(jnp.all(jnp.isfinite(got)))
+    assert rel(got, want) < 2e-3
+
+
+def test_no_shared_memory_race():
+  """The interpreter's race detector sees every TMA load and store of both kernels ordered
+  against the products that read or write the same shared-memory slots (it reports the race
+  when the wait before reusing the store buffers is removed)."""
   fields, s0 = bf16_fields(64, 64, 256, seed=4)  # a shape no other test traces
+  dy = jnp.ones(fields[1].shape, jnp.bfloat16)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
     jax.block_until_ready(mosaic_recurrence.forward(fields, s0, save_states=True,
                                                     interpret=True))
+    jax.block_until_ready(mosaic_recurrence.backward_states(fields, dy, s0, interpret=True))
   assert not gpu_callbacks.get_races().races_found
 
 
-def test_op_with_the_hopper_forward_is_within_bf16_error_of_the_reference():
+def test_op_with_the_hopper_kernels_is_within_bf16_error_of_the_reference():
   """Outputs, end state and gradients of the whole op (bf16 keys, values and queries) against
   the float32 token-by-token reference, as the portable kernels are tested."""
   level = gdn_level(64, 64)
@@ -77,7 +99,7 @@ def test_op_with_the_hopper_forward_is_within_bf16_error_of_the_reference():
   low = inputs._replace(k=inputs.k.astype(jnp.bfloat16), v=inputs.v.astype(jnp.bfloat16),
                         q=inputs.q.astype(jnp.bfloat16))
   s0 = jnp.zeros((1, 2, 64, 64))
-  op = lambda i: matrix_memory(GDN, *i, s0, interpret=True, forward_kernel="mosaic_gpu")
+  op = lambda i: matrix_memory(GDN, *i, s0, interpret=True, stage2="mosaic_gpu")
   y, s, _ = op(low)
   up = jax.tree.map(lambda x: x.astype(jnp.float32), low)
   zero = level.init_state({"w": jnp.zeros((2, 64, 64))}, 1)
@@ -92,8 +114,8 @@ def test_op_with_the_hopper_forward_is_within_bf16_error_of_the_reference():
     assert rel(getattr(grads, name), getattr(want_grads, name)) < 1e-2, name
 
 
-def test_level_runner_with_the_hopper_forward_streams_any_length():
-  """Two calls of 70 and 90 tokens (the second starts mid-chunk) equal the portable forward's."""
+def test_level_runner_with_the_hopper_kernels_streams_any_length():
+  """Two calls of 70 and 90 tokens (the second starts mid-chunk) equal the portable kernels'."""
   level = gdn_level(64, 64)
   params = level.init(jax.random.PRNGKey(1), jnp.float32)
   inputs = random_inputs(level, 1, 160, seed=7, dtype=jnp.float32)
@@ -104,7 +126,7 @@ def test_level_runner_with_the_hopper_forward_streams_any_length():
   def stream(kernel: str):
     state, ys = level.init_state(params, 1), []
     for piece in pieces:
-      state, y = run_level(level, state, piece, interpret=True, forward_kernel=kernel)
+      state, y = run_level(level, state, piece, interpret=True, stage2=kernel)
       ys.append(y)
     return state, jnp.concatenate(ys, axis=1)
 
@@ -115,33 +137,32 @@ def test_level_runner_with_the_hopper_forward_streams_any_length():
   assert rel(state.anchor["w"], want_state.anchor["w"]) < 1e-3
 
 
-def test_default_forward_kernel():
-  """The Hopper forward for compiled Triton launches it covers that fill the card, else the
-  portable one; an explicit choice it cannot run names the reason."""
+def test_default_stage2():
+  """The Hopper kernels for compiled Triton launches they cover, else the portable ones; an
+  explicit choice they cannot run names the reason."""
   compiled = launch_options(interpret=False, backend="triton")
-  pick = lambda batch, launch=compiled, chunk=64, d_k=128, dtype=jnp.bfloat16, momentum=False: (
-      default_forward_kernel(batch, 16, chunk, d_k, 128, dtype, momentum, launch))
-  assert pick(8) == pick(4) == "mosaic_gpu"
-  assert pick(2) == pick(1) == "pallas"  # 64 and 32 programs: measured no faster
-  assert pick(8, launch=launch_options(interpret=True, backend="triton")) == "pallas"
-  assert pick(8, launch=launch_options(interpret=True, backend="tpu")) == "pallas"
-  assert pick(8, momentum=True) == pick(8, dtype=jnp.float32) == pick(8, chunk=32) == "pallas"
-  assert pick(8, chunk=128) == pick(8, d_k=256) == "pallas"  # beyond shared memory
-  with pytest.raises(ValueError, match="forward_kernel must be None or one of"):
-    launch_options(forward_kernel="mosaic")
+  pick = lambda launch=compiled, chunk=64, d_k=128, dtype=jnp.bfloat16, momentum=False: (
+      default_stage2(chunk, d_k, 128, dtype, momentum, launch))
+  assert pick() == pick(d_k=64) == pick(dtype=jnp.float16) == "mosaic_gpu"
+  assert pick(launch=launch_options(interpret=True, backend="triton")) == "pallas"
+  assert pick(launch=launch_options(interpret=True, backend="tpu")) == "pallas"
+  assert pick(momentum=True) == pick(dtype=jnp.float32) == pick(chunk=32) == "pallas"
+  assert pick(chunk=128) == pick(d_k=256) == "pallas"  # beyond shared memory
+  with pytest.raises(ValueError, match="stage2 must be None or one of"):
+    launch_options(stage2="mosaic")
   with pytest.raises(ValueError, match="'mosaic_gpu' with backend='triton' only"):
-    launch_options(forward_kernel="mosaic_gpu", backend="tpu")
+    launch_options(stage2="mosaic_gpu", backend="tpu")
   momentum = OpConfig(64, "boundary", "l2", "after", momentum=True)
   x = jnp.ones((1, 64, 2, 64), jnp.bfloat16)
   g, s0 = jnp.ones((1, 64, 2)), jnp.zeros((1, 2, 64, 64))
   with pytest.raises(ValueError, match="cannot run this op: momentum is not covered"):
-    matrix_memory(momentum, x, x, x, g, g, g, s0, s0, interpret=True, forward_kernel="mosaic_gpu")
+    matrix_memory(momentum, x, x, x, g, g, g, s0, s0, interpret=True, stage2="mosaic_gpu")
   with pytest.raises(ValueError, match="must be bfloat16 or float16"):
     matrix_memory(GDN, *(x.astype(jnp.float32),) * 3, g, g, g, s0, interpret=True,
-                  forward_kernel="mosaic_gpu")
+                  stage2="mosaic_gpu")
 
 
-def test_hopper_forward_lowers_to_mosaic_gpu(monkeypatch):
+def test_hopper_kernels_lower_to_mosaic_gpu(monkeypatch):
   """Cross-platform lowering (no GPU needed) runs Mosaic GPU's own lowering of the kernel,
   which rejects layouts and transfers the interpreter accepts."""
   from jax._src.pallas.triton import gpu_info  # pylint: disable=import-outside-toplevel
@@ -152,11 +173,12 @@ def test_hopper_forward_lowers_to_mosaic_gpu(monkeypatch):
 
   def loss(k, v, q, s0, gates):
     y, s, _ = matrix_memory(GDN, k, v, q, gates, gates, gates, s0, interpret=False,
-                            forward_kernel="mosaic_gpu", stage1="jax")
+                            stage2="mosaic_gpu", stage1="jax")
     return jnp.sum(y.astype(jnp.float32)) + jnp.sum(s)
 
   text = jax.jit(jax.grad(loss, (0, 1, 2, 3, 4))).trace(x, x, x, s0, g).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "matrix_memory_fwd_mosaic_gpu" in text
-  # the backward's two passes stay Triton
-  assert text.count("__gpu$xla.gpu.triton") == 2
+  assert "matrix_memory_bwd_states_mosaic_gpu" in text
+  # the backward's chunk-parallel pass stays Triton
+  assert text.count("__gpu$xla.gpu.triton") == 1
