@@ -186,8 +186,8 @@ def op_cost(b, t, h, d, chunk=64):
 
 VARIANTS = {  # label: (op, launch options) of our kernel in --bench
     "pallas_gdn": ("gdn", {}),
-    "pallas_gdn_forward_pallas": ("gdn", {"stage2": "pallas"}),  # the default before
-    "pallas_gdn_forward_mosaic_gpu": ("gdn", {"stage2": "mosaic_gpu"}),
+    "pallas_gdn_stage2_pallas": ("gdn", {"stage2": "pallas"}),  # the default before
+    "pallas_gdn_stage2_mosaic_gpu": ("gdn", {"stage2": "mosaic_gpu"}),
     "pallas_gdn_stage1_jax": ("gdn", {"stage1": "jax"}),
     "pallas_gdn_stage1_jax_blocked_inverse": ("gdn", {"stage1": "jax", "inverse": "blocked"}),
     "pallas_gdn_bv32": ("gdn", {"block_v": 32}),

@@ -2,7 +2,12 @@
 Pallas' GPU interpret mode: the forward and the backward's first pass equal to the portable
 kernels on real stage-1 fields, every output element written, no shared-memory race, the op's
 outputs and gradients within bf16 error of the float32 reference, any length through the level
-runner, their choice and errors, and that they lower to Mosaic GPU for a Hopper GPU."""
+runner, their choice and errors, and that they lower to Mosaic GPU for a Hopper GPU.
+
+Every computation that runs the interpreted kernels is jitted whole and waited for
+(:func:`settled`) before anything else is dispatched: the GPU interpreter's callbacks run JAX
+operations of their own, and an operation the test dispatches while an interpreted kernel is in
+flight can deadlock the CPU client against them (seen with eager calls, JAX 0.11.2)."""
 
 from __future__ import annotations
 
@@ -30,6 +35,11 @@ def gdn_level(d_in: int, d_out: int, heads: int = 2) -> Level:
                64, "exact", "after", heads)
 
 
+def settled(f, *args):
+  """``jax.jit(f)(*args)``, waited for (see the module docstring)."""
+  return jax.block_until_ready(jax.jit(f)(*args))
+
+
 def rel(a: jax.Array, b: jax.Array) -> float:
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
@@ -48,7 +58,8 @@ def test_forward_equals_the_portable_forward_and_writes_everything():
   """Outputs, end state and saved chunk-start states equal the portable kernel's (both round
   ``S`` and ``U`` to bf16 for the products; the interpreter fills unwritten outputs with NaN)."""
   fields, s0 = bf16_fields(64, 128, 192)  # 3 chunks, 2 value blocks
-  y, s, states = mosaic_recurrence.forward(fields, s0, save_states=True, interpret=True)
+  y, s, states = settled(
+      lambda f, s: mosaic_recurrence.forward(f, s, save_states=True, interpret=True), fields, s0)
   want_y, want_s, _, want_states, _ = pallas_recurrence.forward(
       fields, s0, None, block_v=64, save_states=True, interpret=True)
   for got in (y, s, states):
@@ -69,9 +80,11 @@ def test_backward_equals_the_portable_backward():
 
   def grads(stage2: str):
     run = lambda f, s: chunk_recurrence(f, s, None, 64, 4, 1, True, "triton", stage2)[:2]
-    _, vjp = jax.vjp(run, fields, s0)
-    dfields, ds0 = vjp((dy, ds))
-    return dfields + (ds0,)
+
+    def cotangents(f, s):
+      dfields, ds0 = jax.vjp(run, f, s)[1]((dy, ds))
+      return dfields + (ds0,)
+    return settled(cotangents, fields, s0)
 
   for got, want in zip(grads("mosaic_gpu"), grads("pallas")):
     assert bool(jnp.all(jnp.isfinite(got)))
@@ -85,9 +98,10 @@ def test_no_shared_memory_race():
   fields, s0 = bf16_fields(64, 64, 256, seed=4)  # a shape no other test traces
   dy = jnp.ones(fields[1].shape, jnp.bfloat16)
   with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
-    jax.block_until_ready(mosaic_recurrence.forward(fields, s0, save_states=True,
-                                                    interpret=True))
-    jax.block_until_ready(mosaic_recurrence.backward_states(fields, dy, s0, interpret=True))
+    settled(lambda f, s: mosaic_recurrence.forward(f, s, save_states=True, interpret=True),
+            fields, s0)
+    settled(lambda f, d, s: mosaic_recurrence.backward_states(f, d, s, interpret=True),
+            fields, dy, s0)
   assert not gpu_callbacks.get_races().races_found
 
 
@@ -100,13 +114,13 @@ def test_op_with_the_hopper_kernels_is_within_bf16_error_of_the_reference():
                         q=inputs.q.astype(jnp.bfloat16))
   s0 = jnp.zeros((1, 2, 64, 64))
   op = lambda i: matrix_memory(GDN, *i, s0, interpret=True, stage2="mosaic_gpu")
-  y, s, _ = op(low)
+  y, s, _ = settled(op, low)
   up = jax.tree.map(lambda x: x.astype(jnp.float32), low)
   zero = level.init_state({"w": jnp.zeros((2, 64, 64))}, 1)
   dy = jax.random.normal(jax.random.PRNGKey(5), y.shape)
   with jax.default_matmul_precision("highest"):
     want_state, want_y = run_reference(level, zero, up)
-    grads = jax.grad(lambda i: jnp.sum(op(i)[0].astype(jnp.float32) * dy))(low)
+    grads = settled(jax.grad(lambda i: jnp.sum(op(i)[0].astype(jnp.float32) * dy)), low)
     want_grads = jax.grad(lambda i: jnp.sum(run_reference(level, zero, i)[1] * dy))(up)
   assert rel(y, want_y) < 1e-2
   assert rel(s, jnp.swapaxes(want_state.memory["w"], -1, -2)) < 1e-2
@@ -126,7 +140,8 @@ def test_level_runner_with_the_hopper_kernels_streams_any_length():
   def stream(kernel: str):
     state, ys = level.init_state(params, 1), []
     for piece in pieces:
-      state, y = run_level(level, state, piece, interpret=True, stage2=kernel)
+      state, y = settled(lambda st, p: run_level(level, st, p, interpret=True, stage2=kernel),
+                         state, piece)
       ys.append(y)
     return state, jnp.concatenate(ys, axis=1)
 
