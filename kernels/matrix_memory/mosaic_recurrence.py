@@ -205,7 +205,16 @@ def _launch(kernel: Callable, args: tuple, out_type: list, scratch: list, name: 
                       kernel_name=name)(*args)
 
 
-@functools.partial(jax.jit, static_argnames=("save_states", "interpret"))
+def _settled(outs, interpret: bool):
+  """``outs``, waited for when computed eagerly in interpret mode: Pallas' GPU interpreter runs
+  JAX operations inside its callbacks, and an operation dispatched while an interpreted kernel is
+  still in flight can deadlock the CPU client against them (seen in a test worker, JAX 0.11.2).
+  Under tracing (``jit``, ``grad``) the outputs are tracers and nothing waits."""
+  if interpret and not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(outs)):
+    jax.block_until_ready(outs)
+  return outs
+
+
 def forward(coeffs: tuple, s0: jax.Array, *, save_states: bool = False, interpret: bool = False):
   """Run the recurrence over all chunks (as ``pallas_recurrence.forward`` without momentum).
 
@@ -220,6 +229,11 @@ def forward(coeffs: tuple, s0: jax.Array, *, save_states: bool = False, interpre
     ``(y [B, H, N, C, d_v] in the fields' dtype, s [B, H, d_k, d_v] float32, states or None)``.
   """
   _check(coeffs, s0, "forward")
+  return _settled(_forward(coeffs, s0, save_states=save_states, interpret=interpret), interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("save_states", "interpret"))
+def _forward(coeffs: tuple, s0: jax.Array, *, save_states: bool, interpret: bool):
   kw, vu, qs, p, kd, gs = coeffs
   batch, heads, n, chunk, d_k = kw.shape
   cdt, d_v = kw.dtype, vu.shape[-1]
@@ -236,7 +250,6 @@ def forward(coeffs: tuple, s0: jax.Array, *, save_states: bool = False, interpre
   return outs[0], outs[1], (outs[2] if save_states else None)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
 def backward_states(coeffs: tuple, dy: jax.Array, ds_end: jax.Array, *,
                     interpret: bool = False):
   """Backward pass 1 without momentum (as in ``pallas_recurrence.backward``): the chunks in
@@ -254,6 +267,11 @@ def backward_states(coeffs: tuple, dy: jax.Array, ds_end: jax.Array, *,
     the cotangent of each chunk's end state) and ``ds0 [B, H, d_k, d_v]`` float32.
   """
   _check(coeffs, ds_end, "backward_states")
+  return _settled(_backward_states(coeffs, dy, ds_end, interpret=interpret), interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def _backward_states(coeffs: tuple, dy: jax.Array, ds_end: jax.Array, *, interpret: bool):
   kw, _, qs, p, kd, gs = coeffs
   batch, heads, n, chunk, d_k = kw.shape
   cdt, d_v = kw.dtype, dy.shape[-1]
@@ -265,6 +283,5 @@ def backward_states(coeffs: tuple, dy: jax.Array, ds_end: jax.Array, *,
              tile(chunk, BLOCK_V), _swizzled((d_k, BLOCK_V), cdt), _swizzled((chunk, BLOCK_V), cdt),
              plgpu.SMEM((d_k, BLOCK_V), jnp.float32)]
   kernel = functools.partial(_states_kernel, n=n)
-  du, dstates, ds0 = _launch(kernel, (kw, qs, p, kd, gs, dy.astype(cdt), ds_end), out_type,
-                             scratch, "matrix_memory_bwd_states", interpret)
-  return du, dstates, ds0
+  return tuple(_launch(kernel, (kw, qs, p, kd, gs, dy.astype(cdt), ds_end), out_type, scratch,
+                       "matrix_memory_bwd_states", interpret))

@@ -4,10 +4,11 @@ kernels on real stage-1 fields, every output element written, no shared-memory r
 outputs and gradients within bf16 error of the float32 reference, any length through the level
 runner, their choice and errors, and that they lower to Mosaic GPU for a Hopper GPU.
 
-Every computation that runs the interpreted kernels is jitted whole and waited for
-(:func:`settled`) before anything else is dispatched: the GPU interpreter's callbacks run JAX
-operations of their own, and an operation the test dispatches while an interpreted kernel is in
-flight can deadlock the CPU client against them (seen with eager calls, JAX 0.11.2)."""
+The GPU interpreter's callbacks run JAX operations of their own, and an operation dispatched
+while an interpreted kernel is in flight can deadlock the CPU client against them (seen in a
+test worker with eager calls, JAX 0.11.2). The kernels wait for their eager interpreted results
+themselves (the streaming test calls the runner eagerly, as users do); the other tests jit the
+computations that run the kernels whole and wait for them (:func:`settled`)."""
 
 from __future__ import annotations
 
@@ -129,7 +130,8 @@ def test_op_with_the_hopper_kernels_is_within_bf16_error_of_the_reference():
 
 
 def test_level_runner_with_the_hopper_kernels_streams_any_length():
-  """Two calls of 70 and 90 tokens (the second starts mid-chunk) equal the portable kernels'."""
+  """Two eager calls of 70 and 90 tokens (the second starts mid-chunk) equal the portable
+  kernels'."""
   level = gdn_level(64, 64)
   params = level.init(jax.random.PRNGKey(1), jnp.float32)
   inputs = random_inputs(level, 1, 160, seed=7, dtype=jnp.float32)
@@ -140,8 +142,7 @@ def test_level_runner_with_the_hopper_kernels_streams_any_length():
   def stream(kernel: str):
     state, ys = level.init_state(params, 1), []
     for piece in pieces:
-      state, y = settled(lambda st, p: run_level(level, st, p, interpret=True, stage2=kernel),
-                         state, piece)
+      state, y = run_level(level, state, piece, interpret=True, stage2=kernel)
       ys.append(y)
     return state, jnp.concatenate(ys, axis=1)
 
