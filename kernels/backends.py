@@ -10,7 +10,7 @@ import jax
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-__all__ = ["BACKENDS", "compiler_params", "resolve_backend"]
+__all__ = ["BACKENDS", "compiler_params", "hopper_gpu", "resolve_backend"]
 
 BACKENDS = ("triton", "tpu")
 
@@ -26,6 +26,14 @@ def resolve_backend(backend: str | None, interpret: bool | None) -> tuple[str, b
   if interpret is None:
     interpret = platform != {"triton": "gpu", "tpu": "tpu"}[backend]
   return backend, interpret
+
+
+def hopper_gpu() -> bool:
+  """Whether JAX runs on a Hopper GPU (compute capability 9.x: H100, H200), whose ``wgmma``
+  and TMA the Mosaic GPU kernels use."""
+  if jax.default_backend() != "gpu":
+    return False
+  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
 
 def compiler_params(backend: str, num_warps: int, grid_dims: int = 3, parallel: bool = True,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from nlj.core.chunked import chunk_layout
 from nlj.core.level import Level, LevelInputs, LevelState
-from nlj_kernels.backends import resolve_backend
+from nlj_kernels.backends import hopper_gpu, resolve_backend
 from nlj_kernels.matrix_memory import mosaic_recurrence, pallas_recurrence
 from nlj_kernels.matrix_memory.contract import OpConfig, op_config
 from nlj.core.triangular import inverse_named
@@ -137,11 +137,11 @@ def default_num_stages(batch: int, heads: int, d_k: int, d_v: int, chunk: int, b
 
 
 def default_stage2(chunk: int, d_k: int, d_v: int, dtype, momentum: bool, launch: Launch) -> str:
-  """``"mosaic_gpu"`` for compiled Triton launches that :mod:`.mosaic_recurrence` covers, else
-  ``"pallas"``. On an H100 (bf16, B×T×H×D ×16×128, fwd+bwd device µs) the Hopper kernels took
+  """``"mosaic_gpu"`` for compiled Triton launches on a Hopper GPU that :mod:`.mosaic_recurrence`
+  covers, else ``"pallas"``. On an H100 (bf16, B×T×H×D ×16×128, fwd+bwd device µs) the Hopper kernels took
   Gated DeltaNet from 1,847 to 1,719 (8×2048), 2,043 to 1,706 (4×4096), 1,798 to 1,757 (2×8192)
   and 2,064 to 1,979 (1×16384) (BENCHMARKS.md, eighteenth session)."""
-  if launch.backend != "triton" or launch.interpret:
+  if launch.backend != "triton" or launch.interpret or not hopper_gpu():
     return "pallas"
   covered = mosaic_recurrence.unsupported_reason(chunk, d_k, d_v, dtype, momentum) is None
   return "mosaic_gpu" if covered else "pallas"
@@ -154,6 +154,9 @@ def _stage2(fields: tuple, s0: jax.Array, momentum: bool, launch: Launch) -> str
   if launch.stage2 != "mosaic_gpu":
     return launch.stage2 or default_stage2(chunk, d_k, d_v, dtype, momentum, launch)
   reason = mosaic_recurrence.unsupported_reason(chunk, d_k, d_v, dtype, momentum)
+  if reason is None and not launch.interpret and jax.default_backend() == "gpu" and (
+      not hopper_gpu()):
+    reason = f"it needs a Hopper GPU (compute capability 9.x), this is {jax.devices()[0]}"
   if reason is not None:
     raise ValueError(f"stage2='mosaic_gpu' cannot run this op: {reason}")
   return "mosaic_gpu"

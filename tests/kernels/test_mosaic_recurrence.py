@@ -25,6 +25,7 @@ from nlj_kernels.matrix_memory import OpConfig, launch_options, matrix_memory, r
 from nlj_kernels.matrix_memory import mosaic_recurrence, pallas_recurrence
 from nlj_kernels.matrix_memory.prepare import prepare
 from nlj_kernels.matrix_memory.recurrence import chunk_recurrence
+from nlj_kernels.matrix_memory import runner
 from nlj_kernels.matrix_memory.runner import default_stage2, kernel_fields
 from tests.core.helpers import random_inputs
 
@@ -153,9 +154,10 @@ def test_level_runner_with_the_hopper_kernels_streams_any_length():
   assert rel(state.anchor["w"], want_state.anchor["w"]) < 1e-3
 
 
-def test_default_stage2():
-  """The Hopper kernels for compiled Triton launches they cover, else the portable ones; an
-  explicit choice they cannot run names the reason."""
+def test_default_stage2(monkeypatch):
+  """The Hopper kernels for compiled Triton launches on a Hopper GPU that they cover, else the
+  portable ones; an explicit choice they cannot run names the reason."""
+  monkeypatch.setattr(runner, "hopper_gpu", lambda: True)
   compiled = launch_options(interpret=False, backend="triton")
   pick = lambda launch=compiled, chunk=64, d_k=128, dtype=jnp.bfloat16, momentum=False: (
       default_stage2(chunk, d_k, 128, dtype, momentum, launch))
@@ -164,6 +166,8 @@ def test_default_stage2():
   assert pick(launch=launch_options(interpret=True, backend="tpu")) == "pallas"
   assert pick(momentum=True) == pick(dtype=jnp.float32) == pick(chunk=32) == "pallas"
   assert pick(chunk=128) == pick(d_k=256) == "pallas"  # beyond shared memory
+  monkeypatch.setattr(runner, "hopper_gpu", lambda: False)  # an older GPU, or none
+  assert pick() == "pallas"
   with pytest.raises(ValueError, match="stage2 must be None or one of"):
     launch_options(stage2="mosaic")
   with pytest.raises(ValueError, match="'mosaic_gpu' with backend='triton' only"):
