@@ -123,9 +123,9 @@ def check(report: dict, cases: list[int], stage1: str | None) -> None:
                                                         jax.tree.leaves(g_ref)))
       rows.append(row)
       print("check", row, flush=True)
-    # bfloat16 inputs through the op (and Gated DeltaNet with the Hopper forward, which these
-    # 4 heads would not take by default); reference on the same values
-    for mom, stage2 in ((False, None), (False, "mosaic_gpu"), (True, None)):
+    # bfloat16 inputs through the op, Gated DeltaNet also with the Triton sequential kernels
+    # forced (a Hopper GPU takes the Mosaic GPU ones by default); reference on the same values
+    for mom, stage2 in ((False, None), (False, "pallas"), (True, None)):
       config = OpConfig(64, "boundary" if mom else "exact", "l2", "after", momentum=mom,
                         grad_at_retained=not mom)
       level = CHECK_LEVELS["titans_linear" if mom else "gated_deltanet"](128)
