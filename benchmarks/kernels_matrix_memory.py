@@ -123,9 +123,9 @@ def check(report: dict, cases: list[int], stage1: str | None) -> None:
                                                         jax.tree.leaves(g_ref)))
       rows.append(row)
       print("check", row, flush=True)
-    # bfloat16 inputs through the op, Gated DeltaNet also with the Triton sequential kernels
+    # bfloat16 inputs through the op, each level also with the Triton sequential kernels
     # forced (a Hopper GPU takes the Mosaic GPU ones by default); reference on the same values
-    for mom, stage2 in ((False, None), (False, "pallas"), (True, None)):
+    for mom, stage2 in ((False, None), (False, "pallas"), (True, None), (True, "pallas")):
       config = OpConfig(64, "boundary" if mom else "exact", "l2", "after", momentum=mom,
                         grad_at_retained=not mom)
       level = CHECK_LEVELS["titans_linear" if mom else "gated_deltanet"](128)
@@ -188,6 +188,7 @@ VARIANTS = {  # label: (op, launch options) of our kernel in --bench
     "pallas_gdn": ("gdn", {}),
     "pallas_gdn_stage2_pallas": ("gdn", {"stage2": "pallas"}),  # the default before
     "pallas_gdn_stage2_mosaic_gpu": ("gdn", {"stage2": "mosaic_gpu"}),
+    "pallas_gdn_stage2_mosaic_gpu_bv32": ("gdn", {"stage2": "mosaic_gpu", "block_v": 32}),
     "pallas_gdn_stage1_jax": ("gdn", {"stage1": "jax"}),
     "pallas_gdn_stage1_jax_blocked_inverse": ("gdn", {"stage1": "jax", "inverse": "blocked"}),
     "pallas_gdn_bv32": ("gdn", {"block_v": 32}),
@@ -206,6 +207,9 @@ VARIANTS = {  # label: (op, launch options) of our kernel in --bench
     "pallas_gdn_c128": ("gdn_c128", {}),
     "pallas_titans_momentum": ("titans", {}),
     "pallas_titans_stage1_jax": ("titans", {"stage1": "jax"}),
+    "pallas_titans_stage2_pallas": ("titans", {"stage2": "pallas"}),
+    "pallas_titans_stage2_mosaic_gpu": ("titans", {"stage2": "mosaic_gpu"}),
+    "pallas_titans_stage2_mosaic_gpu_bv16": ("titans", {"stage2": "mosaic_gpu", "block_v": 16}),
     "pallas_titans_tiles16": ("titans", {"tiles_backward": (16, 4)}),
     "pallas_titans_tiles32": ("titans", {"tiles_backward": (32, 8)}),
     "pallas_titans_fwd16": ("titans", {"tiles_forward": (16, 4)}),

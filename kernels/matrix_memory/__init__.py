@@ -12,9 +12,9 @@ DeltaNet, Titans' linear memory with momentum, DGD matrix memories).
 * stage 2 -- :mod:`.pallas_recurrence`: the recurrence over chunks, a forward Pallas kernel and
   a backward in two (a sequential pass for the state cotangents, a chunk-parallel pass for the
   gradients; Triton on GPU, Mosaic on TPU, ``interpret=True`` on CPU), joined by the custom VJP
-  in :mod:`.recurrence`; without momentum the two sequential passes also run as the Hopper
-  kernels of :mod:`.mosaic_recurrence` (Pallas Mosaic GPU; launch option ``stage2``, the
-  default on a GPU where they are covered);
+  in :mod:`.recurrence`; the two sequential passes also run as the Hopper kernels of
+  :mod:`.mosaic_recurrence`, with and without momentum (Pallas Mosaic GPU; launch option
+  ``stage2``, the default on a Hopper GPU where they are covered);
 * :mod:`.runner` -- the level runner registered as kernel ``"matrix_memory"``, and
   :func:`matrix_memory`, the op on raw arrays (bfloat16 inputs allowed);
 * ``benchmarks/kernels_matrix_memory.py`` -- timings against the chunked JAX form and the peers.

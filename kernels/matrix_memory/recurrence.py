@@ -23,9 +23,8 @@ def _forward(coeffs, s0, m0, block_v, num_warps, num_stages, interpret, backend,
              save_states):
   """``(y, s, m, states, mstates)`` of the chosen forward kernel."""
   if stage2 == "mosaic_gpu":
-    y, s, states = mosaic_recurrence.forward(coeffs, s0, save_states=save_states,
-                                             interpret=interpret)
-    return y, s, None, states, None
+    return mosaic_recurrence.forward(coeffs, s0, m0, block=block_v, save_states=save_states,
+                                     interpret=interpret)
   return kernels.forward(coeffs, s0, m0, block_v=block_v, num_warps=num_warps,
                          num_stages=num_stages, save_states=save_states, interpret=interpret,
                          backend=backend)
@@ -43,8 +42,9 @@ def chunk_recurrence(coeffs: tuple, s0: jax.Array, m0: jax.Array | None, block_v
     block_v, num_warps, num_stages, interpret, backend: kernel launch options
       (``pallas_recurrence``).
     stage2: one of :data:`STAGE2_KERNELS`, the kernels of the two sequential passes
-      (``"mosaic_gpu"``: without momentum only, :func:`.mosaic_recurrence.unsupported_reason`;
-      they ignore ``block_v``, ``num_warps`` and ``num_stages``).
+      (``"mosaic_gpu"``: where :func:`.mosaic_recurrence.unsupported_reason` allows, with
+      ``block_v`` one of :data:`.mosaic_recurrence.BLOCKS`; they ignore ``num_warps`` and
+      ``num_stages``).
   """
   y, s, m, _, _ = _forward(coeffs, s0, m0, block_v, num_warps, num_stages, interpret, backend,
                            stage2, False)
@@ -63,10 +63,11 @@ def _bwd(block_v, num_warps, num_stages, interpret, backend, stage2, residuals, 
   momentum = mstates is not None
   dy = dy.astype(coeffs[1].dtype)
   if stage2 == "mosaic_gpu":
-    du, dstates, ds0 = mosaic_recurrence.backward_states(coeffs, dy, ds, interpret=interpret)
-    grads = kernels.chunk_gradients(coeffs, states, None, dy, du, dstates, None,
+    du, dstates, ds0, dmstates, dm0 = mosaic_recurrence.backward_states(
+        coeffs, dy, ds, dm if momentum else None, block=block_v, interpret=interpret)
+    grads = kernels.chunk_gradients(coeffs, states, mstates, dy, du, dstates, dmstates,
                                     num_warps=num_warps, interpret=interpret, backend=backend)
-    grads["s0"] = ds0
+    grads.update(s0=ds0, m0=dm0)
   else:
     grads = kernels.backward(coeffs, states, mstates, dy, ds, dm if momentum else None,
                              block_v=block_v, num_warps=num_warps, num_stages=num_stages,

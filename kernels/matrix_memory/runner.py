@@ -60,7 +60,9 @@ def launch_options(block_v: int | None = None, num_warps: int = 4, num_stages: i
 
   Args:
     block_v: ``d_v`` columns per program of the sequential kernels (the forward and the
-      backward's first pass); default :func:`default_block_v`.
+      backward's first pass); default :func:`default_block_v` for the portable kernels,
+      :func:`.mosaic_recurrence.block_columns` for the Hopper ones (which take one of
+      :data:`.mosaic_recurrence.BLOCKS`).
     num_warps: Triton warps per program of the recurrence kernels.
     num_stages: Triton's software-pipelining depth of the sequential kernels' loop over chunks
       (the next chunks' fields load while this chunk's products run); default
@@ -140,7 +142,9 @@ def default_stage2(chunk: int, d_k: int, d_v: int, dtype, momentum: bool, launch
   """``"mosaic_gpu"`` for compiled Triton launches on a Hopper GPU that :mod:`.mosaic_recurrence`
   covers, else ``"pallas"``. On an H100 (bf16, B×T×H×D ×16×128, fwd+bwd device µs) the Hopper
   kernels took Gated DeltaNet from 1,847 to 1,719 (8×2048), 2,043 to 1,706 (4×4096), 1,798 to
-  1,757 (2×8192) and 2,064 to 1,979 (1×16384) (BENCHMARKS.md, eighteenth session)."""
+  1,757 (2×8192) and 2,064 to 1,979 (1×16384) (BENCHMARKS.md, eighteenth session); on an H200
+  they took Titans' momentum from 2,313 to 2,097, 2,646 to 2,074, 2,209 to 2,068 and 2,750 to
+  2,546 (nineteenth session)."""
   if launch.backend != "triton" or launch.interpret or not hopper_gpu():
     return "pallas"
   covered = mosaic_recurrence.unsupported_reason(chunk, d_k, d_v, dtype, momentum) is None
@@ -153,7 +157,8 @@ def _stage2(fields: tuple, s0: jax.Array, momentum: bool, launch: Launch) -> str
   d_v, dtype = s0.shape[-1], fields[0].dtype
   if launch.stage2 != "mosaic_gpu":
     return launch.stage2 or default_stage2(chunk, d_k, d_v, dtype, momentum, launch)
-  reason = mosaic_recurrence.unsupported_reason(chunk, d_k, d_v, dtype, momentum)
+  reason = mosaic_recurrence.unsupported_reason(chunk, d_k, d_v, dtype, momentum,
+                                                launch.block_v)
   if reason is None and not launch.interpret and jax.default_backend() == "gpu" and (
       not hopper_gpu()):
     reason = f"it needs a Hopper GPU (compute capability 9.x), this is {jax.devices()[0]}"
@@ -183,11 +188,14 @@ def kernel_fields(coeffs: ChunkCoefficients, dtype) -> tuple:
 
 def _recur(coeffs: ChunkCoefficients, s0, m0, dtype, launch: Launch):
   fields = kernel_fields(coeffs, dtype)
-  block = _block_v(s0, launch.block_v)
+  stage2 = _stage2(fields, s0, m0 is not None, launch)
+  if stage2 == "mosaic_gpu":
+    block = launch.block_v or mosaic_recurrence.block_columns(m0 is not None)
+  else:
+    block = _block_v(s0, launch.block_v)
   batch, heads, _, chunk, d_k = fields[0].shape
   stages = launch.num_stages or default_num_stages(
       batch, heads, d_k, s0.shape[-1], chunk, block, jnp.dtype(dtype).itemsize, m0 is not None)
-  stage2 = _stage2(fields, s0, m0 is not None, launch)
   return chunk_recurrence(fields, s0, m0, block, launch.num_warps, stages, launch.interpret,
                           launch.backend, stage2)
 
