@@ -14,7 +14,7 @@ state) with ``dU``::
     dS = Qsᵀ dy + gs dS' - Kwᵀ dU ;  dM = Qmᵀ dy + mc dS' + gm dM'
 
 Pass 2 (one program per chunk, all in parallel, whole ``d_v`` per program walked in
-:data:`GRADIENT_COLUMNS` columns) takes the forward's chunk-start states ``S, M`` and pass 1's
+:func:`gradient_columns` columns) takes the forward's chunk-start states ``S, M`` and pass 1's
 ``dS', dM', dU``::
 
     dVu = dU ; dKw = -dU Sᵀ ; dQs = dy Sᵀ ; dQm = dy Mᵀ ; dP = dy Uᵀ ; dKd = U dS'ᵀ ;
@@ -50,10 +50,12 @@ from jax.experimental.pallas import tpu as pltpu
 from nlj_kernels.backends import compiler_params
 from nlj_kernels.products import dot
 
-__all__ = ["forward", "backward", "chunk_gradients", "CHUNK_FIELDS", "MOMENTUM_FIELDS"]
+__all__ = ["forward", "backward", "chunk_gradients", "gradient_columns", "CHUNK_FIELDS",
+           "MOMENTUM_FIELDS"]
 
 CHUNK_FIELDS = ("kw", "vu", "qs", "p", "kd", "gs")
 GRADIENT_COLUMNS = 64  # d_v columns at a time in the backward's chunk-parallel pass (GPU)
+WIDE_GRADIENT_COLUMNS = 128  # the same for 16-bit fields with d_k <= 128 (gradient_columns)
 MOMENTUM_FIELDS = ("qm", "km", "mc", "gm")
 
 
@@ -73,6 +75,18 @@ def _specs(n: int, c: int, dk: int, bv: int, momentum: bool, backend: str):
   state = pl.BlockSpec((None, None, dk, bv), lambda b, h, j: (b, h, 0, j))
   states = pl.BlockSpec((None, None, n, dk, bv), lambda b, h, j: (b, h, 0, 0, j))
   return fields, vals, state, states
+
+
+def gradient_columns(d_k: int, dtype) -> int:
+  """``d_v`` columns at a time in the backward's chunk-parallel pass on a GPU:
+  :data:`WIDE_GRADIENT_COLUMNS` for 16-bit fields with ``d_k <= 128``, else
+  :data:`GRADIENT_COLUMNS`. On an H200 (bf16, 8×2048×16×128) 128 columns took the pass from 314 to
+  278 µs for Gated DeltaNet and from 515 to 461 for Titans, and 32 to 447 (BENCHMARKS.md,
+  nineteenth session). Wider fields and ``d_k`` 256 keep 64: a GPU call running them at 128
+  printed nothing within its time limits."""
+  if jnp.dtype(dtype).itemsize <= 2 and d_k <= 128:
+    return WIDE_GRADIENT_COLUMNS
+  return GRADIENT_COLUMNS
 
 
 def _scalar_reader(refs: Sequence) -> Callable[[jax.Array], tuple]:
@@ -342,8 +356,8 @@ def chunk_gradients(coeffs: tuple, states: jax.Array, mstates: jax.Array | None,
   batch, heads, n, c, dk = coeffs[0].shape
   dv = states.shape[-1]
   f32, cdt = coeffs[CHUNK_FIELDS.index("gs")].dtype, coeffs[0].dtype
-  # every chunk in parallel; whole d_v per program (walked in GRADIENT_COLUMNS columns on GPU,
-  # whatever block_v the sequential kernels take)
+  # every chunk in parallel; whole d_v per program (walked in gradient_columns on GPU, whatever
+  # block_v the sequential kernels take)
   one = lambda *tail: pl.BlockSpec((None, None, None) + tail,
                                    lambda b, h, i: (b, h, i) + (0,) * len(tail))
   ins = [coeffs[CHUNK_FIELDS.index("kw")], coeffs[CHUNK_FIELDS.index("vu")], dy, du, states,
@@ -356,7 +370,8 @@ def chunk_gradients(coeffs: tuple, states: jax.Array, mstates: jax.Array | None,
                                     dtypes.get(k, cdt)) for k in names]
   out_specs = [one(*shapes.get(k, (c, dk))) for k in names]
   kernel = functools.partial(_gradient_kernel, momentum=momentum,
-                             block_v=dv if backend == "tpu" else min(dv, GRADIENT_COLUMNS))
+                             block_v=dv if backend == "tpu" else min(
+                                 dv, gradient_columns(dk, cdt)))
   grads = pl.pallas_call(kernel, out_shape=out_shape, grid=(batch, heads, n), in_specs=in_specs,
                          out_specs=out_specs, compiler_params=compiler_params(backend, num_warps),
                          interpret=interpret, name="matrix_memory_bwd_chunks")(*ins)

@@ -146,7 +146,7 @@ def test_gradients_equal_reference(name, stage1):
 @pytest.mark.parametrize("name", ["gated_deltanet", "titans_momentum"])
 def test_gradients_over_several_value_blocks(name):
   """``block_v < d_v``: the sequential kernels run one program per ``d_v`` block, and with
-  ``d_v = 128`` the backward's chunk-parallel pass walks two column blocks; gradients still
+  ``d_v = 2 GRADIENT_COLUMNS`` the backward's chunk-parallel pass walks two column blocks; gradients still
   equal the reference's."""
   with jax.enable_x64(True):
     level = make_level(name, d_in=16, d_out=2 * pallas_recurrence.GRADIENT_COLUMNS)
@@ -572,3 +572,38 @@ def test_stage1_tile_shapes():
     fit_shapes(64, (16, 3))
   with pytest.raises(ValueError, match="chunk % 16 == 0"):
     fit_shapes(40)
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+def test_chunk_gradients_over_wide_bf16_column_blocks(momentum):
+  """bf16 fields with ``d_k <= 128`` take :data:`WIDE_GRADIENT_COLUMNS` columns at a time in
+  the chunk-parallel pass; at ``d_v = 2 · 128`` its two blocks give the module docstring's
+  products on the same bf16 operands, accumulated in float32."""
+  assert pallas_recurrence.gradient_columns(128, jnp.bfloat16) == 128
+  assert pallas_recurrence.gradient_columns(256, jnp.bfloat16) == 64
+  assert pallas_recurrence.gradient_columns(128, jnp.float32) == 64
+  b, h, n, c, dk, dv = 1, 2, 2, 16, 16, 2 * pallas_recurrence.WIDE_GRADIENT_COLUMNS
+  keys = iter(jax.random.split(jax.random.PRNGKey(11), 16))
+  normal = lambda *shape: jax.random.normal(next(keys), shape).astype(jnp.bfloat16)
+  kw, vu, dy, du = normal(b, h, n, c, dk), normal(b, h, n, c, dv), normal(b, h, n, c, dv), \
+      normal(b, h, n, c, dv)
+  s, ds, m, dm = (normal(b, h, n, dk, dv) for _ in range(4))
+  gates = jnp.ones((b, h, n))
+  coeffs = (kw, vu, kw, normal(b, h, n, c, c), kw, gates) + (
+      (kw, kw, gates, gates) if momentum else ())
+  got = pallas_recurrence.chunk_gradients(coeffs, s, m if momentum else None, dy, du, ds,
+                                          dm if momentum else None, interpret=True)
+  f = lambda x: x.astype(jnp.float32)
+  mm = lambda x, y: jnp.einsum("...ij,...kj->...ik", f(x), f(y),
+                               precision=jax.lax.Precision.HIGHEST)
+  u = (f(vu) - jnp.einsum("...cd,...dv->...cv", f(kw), f(s),
+                          precision=jax.lax.Precision.HIGHEST)).astype(jnp.bfloat16)
+  want = {"kw": -mm(du, s), "qs": mm(dy, s), "p": mm(dy, u), "kd": mm(u, ds),
+          "gs": jnp.sum(f(s) * f(ds), axis=(-2, -1))}
+  if momentum:
+    want.update(qm=mm(dy, m), km=mm(u, dm), mc=jnp.sum(f(m) * f(ds), axis=(-2, -1)),
+                gm=jnp.sum(f(m) * f(dm), axis=(-2, -1)))
+  assert set(got) == set(want) | {"vu"}
+  for name, value in want.items():
+    err = float(jnp.max(jnp.abs(f(got[name]) - value)) / jnp.max(jnp.abs(value)))
+    assert err < 1e-2, name  # the tiles come back in bf16
