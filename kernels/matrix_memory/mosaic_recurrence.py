@@ -171,8 +171,25 @@ def _scalar(ref, c) -> jax.Array:
   return plgpu.load(ref.at[lax.axis_index("b"), lax.axis_index("h"), c], layout=None)
 
 
+_FORWARD_TILES = ("kw", "vu", "qs", "p", "kd")  # the tiles each kernel loads a chunk, in the
+_STATES_TILES = ("kw", "qs", "p", "kd", "dy")  # order of their shared-memory slots
+_MOMENTUM_TILES = ("qm", "km")
+
+
 def _names(momentum: bool) -> tuple[str, ...]:
+  """The chunk fields' names, in the order the kernels take them."""
   return CHUNK_FIELDS + (MOMENTUM_FIELDS if momentum else ())
+
+
+def _tile_names(tiles: tuple[str, ...], momentum: bool) -> tuple[str, ...]:
+  return tiles + (_MOMENTUM_TILES if momentum else ())
+
+
+def _tile_shapes(names: tuple[str, ...], chunk: int, d_k: int, block: int) -> list:
+  """Each tile's shape in shared memory: this program's ``[C, block]`` of values (``vu``, ``dy``),
+  ``p [C, C]``, the rest ``[C, d_k]``."""
+  special = {"vu": (chunk, block), "dy": (chunk, block), "p": (chunk, chunk)}
+  return [special.get(name, (chunk, d_k)) for name in names]
 
 
 def _split(refs: tuple, *counts: int) -> list[tuple]:
@@ -185,11 +202,14 @@ def _split(refs: tuple, *counts: int) -> list[tuple]:
 
 
 def _forward_kernel(*refs, n: int, momentum: bool, save_states: bool):
+  """The forward recurrence (module docstring). Refs: the chunk fields, the initial states;
+  ``y``, the end states, the saved chunk-start states (with ``save_states``); shared memory
+  (:func:`_scratch`) and the barriers (:func:`_launch`)."""
   names, k = _names(momentum), 1 + momentum  # k: carried states (S, and M with momentum)
   fields, initial, (y_ref,), ends, saved, refs = _split(refs, len(names), k, 1, k,
                                                         k * save_states)
   f = dict(zip(names, fields))
-  tile_names = ("kw", "vu", "qs", "p", "kd") + (("qm", "km") if momentum else ())
+  tile_names = _tile_names(_FORWARD_TILES, momentum)
   smem, rest = _split(refs, len(tile_names))
   t = dict(zip(tile_names, smem))
   state_s, (u_s, y_s, f32_s, loaded, staged) = _split(rest, k)
@@ -224,11 +244,14 @@ def _forward_kernel(*refs, n: int, momentum: bool, save_states: bool):
 
 
 def _states_kernel(*refs, n: int, momentum: bool):
+  """Backward pass 1 (module docstring). Refs: the chunk fields, ``dy``, the end states'
+  cotangents; ``dU``, the saved cotangents of each chunk's end states, the initial states'
+  cotangents; shared memory (:func:`_scratch`) and the barriers (:func:`_launch`)."""
   names, k = _names(momentum), 1 + momentum
   fields, (dy_ref,), ends, (du_ref,), dstates, starts, refs = _split(refs, len(names), 1, k, 1,
                                                                      k, k)
   f = dict(zip(names, fields))
-  tile_names = ("kw", "qs", "p", "kd", "dy") + (("qm", "km") if momentum else ())
+  tile_names = _tile_names(_STATES_TILES, momentum)
   smem, rest = _split(refs, len(tile_names))
   t = dict(zip(tile_names, smem))
   state_s, (du_s, f32_s, loaded, staged) = _split(rest, k)
@@ -348,8 +371,7 @@ def _forward(coeffs: tuple, initial: tuple, *, block: int, save_states: bool, in
       jax.ShapeDtypeStruct(initial[0].shape, jnp.float32)] * k
   if save_states:
     out_type += [jax.ShapeDtypeStruct((batch, heads, n, d_k, d_v), cdt)] * k
-  wide = [(chunk, d_k)]
-  tiles = wide + [(chunk, block), (chunk, d_k), (chunk, chunk), (chunk, d_k)] + wide * 2 * momentum
+  tiles = _tile_shapes(_tile_names(_FORWARD_TILES, momentum), chunk, d_k, block)
   kernel = functools.partial(_forward_kernel, n=n, momentum=momentum, save_states=save_states)
   return _launch(kernel, tuple(coeffs) + tuple(initial), out_type,
                  _scratch(tiles, k, 2, chunk, d_k, block, cdt), len(tiles), block,
@@ -392,8 +414,7 @@ def _backward_states(coeffs: tuple, dy: jax.Array, ends: tuple, *, block: int,
   out_type = ([jax.ShapeDtypeStruct(dy.shape, cdt)]
               + [jax.ShapeDtypeStruct((batch, heads, n, d_k, d_v), cdt)] * k
               + [jax.ShapeDtypeStruct(ends[0].shape, jnp.float32)] * k)
-  wide = [(chunk, d_k)]
-  tiles = wide * 2 + [(chunk, chunk)] + wide + [(chunk, block)] + wide * 2 * momentum
+  tiles = _tile_shapes(_tile_names(_STATES_TILES, momentum), chunk, d_k, block)
   kernel = functools.partial(_states_kernel, n=n, momentum=momentum)
   return _launch(kernel, tuple(coeffs) + (dy.astype(cdt),) + tuple(ends), out_type,
                  _scratch(tiles, k, 1, chunk, d_k, block, cdt), len(tiles), block,
