@@ -124,25 +124,28 @@ def check(report: dict, cases: list[int], stage1: str | None) -> None:
       rows.append(row)
       print("check", row, flush=True)
     # bfloat16 inputs through the op, each level also with the Triton sequential kernels
-    # forced (a Hopper GPU takes the Mosaic GPU ones by default); reference on the same values
-    for mom, stage2 in ((False, None), (False, "pallas"), (True, None), (True, "pallas")):
+    # forced (a Hopper GPU takes the Mosaic GPU ones by default), and at head dim 256 (the
+    # Triton kernels throughout; gradients at d 256 are checked only here); reference on the
+    # same values
+    for mom, stage2, d in ((False, None, 128), (False, "pallas", 128), (True, None, 128),
+                           (True, "pallas", 128), (False, None, 256), (True, None, 256)):
       config = OpConfig(64, "boundary" if mom else "exact", "l2", "after", momentum=mom,
                         grad_at_retained=not mom)
-      level = CHECK_LEVELS["titans_linear" if mom else "gated_deltanet"](128)
-      inp = inputs(jax.random.PRNGKey(7), 2, 256, 2, 128, jnp.bfloat16)
-      s0 = jnp.zeros((2, 2, 128, 128))
+      level = CHECK_LEVELS["titans_linear" if mom else "gated_deltanet"](d)
+      inp = inputs(jax.random.PRNGKey(7), 2, 256, 2, d, jnp.bfloat16)
+      s0 = jnp.zeros((2, 2, d, d))
       op = lambda i: matrix_memory(config, *i, s0, s0 if mom else None, stage1=stage1,
                                    stage2=stage2)
       y, s, _ = jax.jit(op)(inp)
       up = jax.tree.map(lambda x: x.astype(jnp.float32), inp)
-      zero = level.init_state({"w": jnp.zeros((2, 128, 128))}, 2)
+      zero = level.init_state({"w": jnp.zeros((2, d, d))}, 2)
       ref_state, ref_y = jax.jit(lambda s, i: run_reference(level, s, i))(zero, up)
       dy = jax.random.normal(jax.random.PRNGKey(8), ref_y.shape)  # gradients of <y, dy>
       g = jax.jit(jax.grad(lambda i: jnp.sum(op(i)[0].astype(jnp.float32) * dy)))(inp)
       g_ref = jax.jit(jax.grad(lambda i: jnp.sum(run_reference(level, zero, i)[1] * dy)))(up)
       name = "titans_linear" if mom else "gated_deltanet"
       rows.append({"level": f"bf16 {name}" + (f", {stage2}" if stage2 else ""),
-                   "d": 128,
+                   "d": d,
                    "y_rel": rel(y, ref_y), "state_rel": rel(s, jnp.swapaxes(
                        ref_state.memory["w"], -1, -2)),
                    "grad_rel": max(rel(a, r) for a, r in zip(g, g_ref) if a is not None)})
