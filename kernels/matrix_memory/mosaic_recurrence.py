@@ -332,6 +332,11 @@ def _settled(outs, interpret: bool):
   return outs
 
 
+def _pair(states: list) -> tuple:
+  """``(S-like, M-like)`` from one or two state outputs (None for a missing momentum)."""
+  return (tuple(states) + (None, None))[:2]
+
+
 def forward(coeffs: tuple, s0: jax.Array, m0: jax.Array | None = None, *,
             block: int | None = None, save_states: bool = False, interpret: bool = False):
   """Run the recurrence over all chunks (as :func:`.pallas_recurrence.forward`).
@@ -354,11 +359,6 @@ def forward(coeffs: tuple, s0: jax.Array, m0: jax.Array | None = None, *,
                       save_states=save_states, interpret=interpret)
   k = 1 + momentum
   return _settled((y, *_pair(rest[:k]), *_pair(rest[k:])), interpret)
-
-
-def _pair(states: list) -> tuple:
-  """``(S-like, M-like)`` from one or two state outputs (None for a missing momentum)."""
-  return (tuple(states) + (None, None))[:2]
 
 
 @functools.partial(jax.jit, static_argnames=("block", "save_states", "interpret"))
@@ -392,10 +392,9 @@ def backward_states(coeffs: tuple, dy: jax.Array, ds_end: jax.Array,
     interpret: run in Pallas' GPU interpret mode (any device).
 
   Returns:
-    ``(du [B, H, N, C, d_v], dstates, dmstates [B, H, N, d_k, d_v])`` in the fields' dtype (the
-    cotangents of each chunk's end state and momentum; dmstates None without momentum) and
-    ``ds0, dm0 [B, H, d_k, d_v]`` float32 (dm0 None without momentum), in the order
-    ``(du, dstates, ds0, dmstates, dm0)``.
+    ``(du, dstates, ds0, dmstates, dm0)``: ``du [B, H, N, C, d_v]`` and ``dstates, dmstates
+    [B, H, N, d_k, d_v]`` (the cotangents of each chunk's end state and momentum) in the fields'
+    dtype; ``ds0, dm0 [B, H, d_k, d_v]`` float32; dmstates and dm0 None without momentum.
   """
   momentum, block = _check(coeffs, (ds_end, dm_end), block, "backward_states")
   ends = (ds_end, dm_end) if momentum else (ds_end,)

@@ -140,14 +140,15 @@ def default_num_stages(batch: int, heads: int, d_k: int, d_v: int, chunk: int, b
 
 def default_stage2(chunk: int, d_k: int, d_v: int, dtype, momentum: bool, launch: Launch) -> str:
   """``"mosaic_gpu"`` for compiled Triton launches on a Hopper GPU that :mod:`.mosaic_recurrence`
-  covers, else ``"pallas"``. On an H100 (bf16, B×T×H×D ×16×128, fwd+bwd device µs) the Hopper
+  covers (with the launch's ``block_v``, when given), else ``"pallas"``. On an H100 (bf16, B×T×H×D ×16×128, fwd+bwd device µs) the Hopper
   kernels took Gated DeltaNet from 1,847 to 1,719 (8×2048), 2,043 to 1,706 (4×4096), 1,798 to
   1,757 (2×8192) and 2,064 to 1,979 (1×16384) (BENCHMARKS.md, eighteenth session); on an H200
   they took Titans' momentum from 2,313 to 2,097, 2,646 to 2,074, 2,209 to 2,068 and 2,750 to
   2,546 (nineteenth session)."""
   if launch.backend != "triton" or launch.interpret or not hopper_gpu():
     return "pallas"
-  covered = mosaic_recurrence.unsupported_reason(chunk, d_k, d_v, dtype, momentum) is None
+  covered = mosaic_recurrence.unsupported_reason(chunk, d_k, d_v, dtype, momentum,
+                                                 launch.block_v) is None
   return "mosaic_gpu" if covered else "pallas"
 
 

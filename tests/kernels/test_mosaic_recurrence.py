@@ -88,8 +88,10 @@ def test_backward_equals_the_portable_backward(name):
   dy = jax.random.normal(cot[0], fields[1].shape).astype(jnp.bfloat16)
   ds, dm = (jax.random.normal(key, s0.shape) for key in cot[1:])
 
+  block = mosaic_recurrence.block_columns(m0 is not None)  # each kernel's default
+
   def grads(stage2: str):
-    run = lambda f, s, m: chunk_recurrence(f, s, m, 32, 4, 1, True, "triton", stage2)
+    run = lambda f, s, m: chunk_recurrence(f, s, m, block, 4, 1, True, "triton", stage2)
 
     def cotangents(f, s, m):
       dfields, ds0, dm0 = jax.vjp(run, f, s, m)[1]((dy, ds, None if m is None else dm))
@@ -180,6 +182,10 @@ def test_default_stage2(monkeypatch):
   assert pick() == pick(d_k=64) == pick(dtype=jnp.float16) == pick(momentum=True) == "mosaic_gpu"
   assert pick(launch=launch_options(interpret=True, backend="triton")) == "pallas"
   assert pick(launch=launch_options(interpret=True, backend="tpu")) == "pallas"
+  # a block the Hopper kernels do not take (the portable kernels' 128) keeps the portable ones
+  assert pick(launch=launch_options(interpret=False, backend="triton", block_v=128)) == "pallas"
+  assert pick(launch=launch_options(interpret=False, backend="triton", block_v=32)) == (
+      "mosaic_gpu")
   assert pick(dtype=jnp.float32) == pick(chunk=32) == "pallas"
   beyond_shared_memory = (pick(chunk=128), pick(d_k=256), pick(d_k=192, momentum=True))
   assert beyond_shared_memory == ("pallas",) * 3
